@@ -1,0 +1,1 @@
+"""driftline.detectors: pure online drift tests and mergeable sketches (no I/O)."""
