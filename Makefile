@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint typecheck venv system-deps services-up lock clean bench
+.PHONY: demo test test-unit lint venv system-deps lock clean bench
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
