@@ -94,8 +94,10 @@ def check_number(
 ) -> None:
     """Raise :class:`SpecError` unless ``value`` is a finite number inside the bounds."""
     kind = "an integer" if integer else "a finite number"
-    if isinstance(value, bool) or not isinstance(value, int | float) or (
-        integer and not isinstance(value, int)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
     ):
         raise SpecError(f"{field}: {value!r} is not {kind}")
     if not math.isfinite(value):
