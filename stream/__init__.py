@@ -1,2 +1,3 @@
 """driftline.stream: the drift detector service (events, engine, state, agents, CLI)."""
+
 __version__ = "0.1.0"
