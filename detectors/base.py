@@ -141,7 +141,8 @@ SpecT = TypeVar("SpecT", bound=Spec)
 class Detector(Protocol):
     """What every sequential detector offers (ADWIN, CUSUM, Page-Hinkley, binary)."""
 
-    spec: Spec
+    @property
+    def spec(self) -> Spec: ...
 
     @property
     def n_seen(self) -> int: ...
