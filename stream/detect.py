@@ -1,0 +1,898 @@
+"""Stage 2 (pure): merge tick summaries per model, run the detectors, apply the policy.
+
+One :class:`Detect` per summaries partition holds a :class:`ModelMonitor` per model. Each
+summary is applied exactly once (dedupe by ``(source, partition) → last applied seq``) and
+then the signals it touched are evaluated, in summary order, so the same summaries give the
+same alerts. Stage-2 "now" is event time: the end of the newest tick seen for the model.
+
+Signals per model version (``slice "*"`` unless noted):
+
+============================  ==============================================  ================
+signal                        test                                            alert kind
+============================  ==============================================  ================
+feature distribution          PSI over a sliding window of ticks vs profile   covariate_drift
+feature mean                  CUSUM calibrated from profile mean/std (ARL0)   covariate_drift
+out-of-range / unknown cat.   Wilson lower bound of the rate > allowed rate   data_quality
+missing / NaN                 same, vs profile missing rate + allowed rate    data_quality
+wrong type, required missing  same                                            schema
+score distribution / mean     PSI + CUSUM vs profile score                    prediction_drift
+label distribution / rate     PSI + Bernoulli CUSUM vs profile (model level)  label_drift
+joined errors (per slice)     Bernoulli CUSUM, p0 = profile error rate        concept_drift
+calibration (per slice)       weighted |observed - predicted| per score bin   performance
+latency percentile            histogram percentile vs budget                  performance
+cost per 1k requests          window cost / requests vs budget                cost
+============================  ==============================================  ================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from detectors.base import Detection, load
+from detectors.binary import BernoulliCUSUM, BernoulliCUSUMSpec
+from detectors.cusum import CUSUM, CUSUMSpec
+from detectors.psi import PSI
+from stream.config import ModelConfig, MonitorConfig, Topics
+from stream.policy import Finding, KillSwitch, SignalPolicy, build_alert
+from stream.store import OutMessage
+from stream.summary import CALIB_BINS, LATENCY_EDGES_MS, ModelPlan
+
+STATE_SCHEMA: Final = 1
+DETECTOR_NAMES: Final[tuple[str, ...]] = (
+    "psi",
+    "cusum",
+    "bernoulli_cusum",
+    "calibration",
+    "cost_per_1k",
+    "quality.missing",
+    "quality.wrong_type",
+    "quality.out_of_range",
+    "quality.unknown_category",
+)
+"""Every ``detector`` value stage 2 emits, plus ``latency_p<q>`` per configured percentile
+(bounded: safe as a metric label)."""
+MAX_VERSIONS: Final = 8
+QUALITY_WINDOW_TICKS: Final = 10
+FloatArray = npt.NDArray[np.float64]
+
+
+def wilson_lower(k: float, n: float, z: float) -> float:
+    """Wilson score lower confidence bound of a binomial rate ``k / n``.
+
+    >>> round(wilson_lower(10, 10, 3.0), 3), round(wilson_lower(0, 100, 3.0), 3)
+    (0.526, 0.0)
+    """
+    if n <= 0:
+        return 0.0
+    p = k / n
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    margin = z * math.sqrt(max(p * (1 - p) / n + z2 / (4 * n * n), 0.0))
+    return max(0.0, (centre - margin) / (1 + z2 / n))
+
+
+class TickWindow:
+    """Sparse per-tick float vectors over the last ``window`` ticks (tick → vector)."""
+
+    __slots__ = ("newest", "ticks", "width", "window")
+
+    def __init__(self, width: int, window: int) -> None:
+        self.width = width
+        self.window = window
+        self.ticks: dict[int, FloatArray] = {}
+        self.newest: int | None = None
+
+    def add(self, tick: int, vec: Sequence[float] | FloatArray) -> bool:
+        if self.newest is not None and tick <= self.newest - self.window:
+            return False
+        row = self.ticks.get(tick)
+        if row is None:
+            row = self.ticks[tick] = np.zeros(self.width, np.float64)
+        row += np.asarray(vec, np.float64)
+        if self.newest is None or tick > self.newest:
+            self.newest = tick
+            cut = tick - self.window
+            for t in [t for t in self.ticks if t <= cut]:
+                del self.ticks[t]
+        return True
+
+    def total(self) -> FloatArray:
+        out = np.zeros(self.width, np.float64)
+        for row in self.ticks.values():
+            out += row
+        return out
+
+    @property
+    def start_tick(self) -> int:
+        return min(self.ticks) if self.ticks else 0
+
+    def to_state(self) -> list[Any]:
+        return [
+            self.width,
+            self.window,
+            self.newest,
+            [[t, r.tolist()] for t, r in sorted(self.ticks.items())],
+        ]
+
+    @classmethod
+    def from_state(cls, doc: Sequence[Any]) -> TickWindow:
+        w = cls(int(doc[0]), int(doc[1]))
+        w.newest = doc[2]
+        w.ticks = {int(t): np.asarray(r, np.float64) for t, r in doc[3]}
+        return w
+
+
+def _percentile_from_hist(counts: FloatArray, edges: FloatArray, q: float) -> float:
+    n = counts.sum()
+    if n <= 0:
+        return math.nan
+    target = q / 100.0 * n
+    cum = np.cumsum(counts)
+    i = int(np.searchsorted(cum, target, side="left"))
+    # upper edge of the bin holding the quantile (conservative); last bin is open-ended
+    return float(edges[i]) if i < edges.shape[0] else float(edges[-1])
+
+
+# --------------------------------------------------------------------------- per version
+
+
+@dataclass
+class VersionMonitor:
+    """Detector state of one model version."""
+
+    windows: dict[str, TickWindow] = field(default_factory=dict)
+    seq_dets: dict[str, Any] = field(default_factory=dict)  # CUSUM / Bernoulli CUSUM
+    warmup: dict[str, list[float]] = field(default_factory=dict)  # slice -> [n, errors]
+    last_tick: int = 0
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "windows": {k: w.to_state() for k, w in self.windows.items()},
+            "seq": {k: d.to_state() for k, d in self.seq_dets.items()},
+            "warmup": self.warmup,
+            "last_tick": self.last_tick,
+        }
+
+    @classmethod
+    def from_state(cls, doc: Mapping[str, Any]) -> VersionMonitor:
+        return cls(
+            windows={k: TickWindow.from_state(w) for k, w in doc["windows"].items()},
+            seq_dets={k: load(s) for k, s in doc["seq"].items()},
+            warmup={k: list(v) for k, v in doc["warmup"].items()},
+            last_tick=int(doc["last_tick"]),
+        )
+
+
+class ModelMonitor:
+    """Everything stage 2 keeps for one model."""
+
+    def __init__(self, plan: ModelPlan, config_hash: str, tick_s: float) -> None:
+        self.plan = plan
+        self.model: ModelConfig = plan.model
+        self.config_hash = config_hash
+        self.tick_s = tick_s
+        self.reference_id = plan.profile.id if plan.profile is not None else "none"
+        self.versions: dict[str, VersionMonitor] = {}
+        self.model_level = VersionMonitor()
+        self.applied: dict[str, int] = {}
+        self.policy = SignalPolicy(self.model)
+        self.killswitch = KillSwitch(self.model)
+        self.newest_tick: int | None = None
+        self.duplicates = 0
+        self.detector_errors: dict[str, str] = {}
+        self.stale = 0  # tick data refused because it was older than a detector's window
+        d = self.model.detectors
+        prof = plan.profile
+        # PSI engines (stateless) per numeric/categorical feature, score and labels
+        self.psi: dict[str, PSI] = {}
+        params = {
+            "warn": d.psi_warn,
+            "critical": d.psi_critical,
+            "alpha": d.psi_alpha,
+            "min_count": d.psi_min_count,
+        }
+        if prof is not None:
+            for p in plan.numeric:
+                if p.name in prof.numeric:
+                    self.psi[p.name] = PSI(prof.psi_spec(prof.numeric[p.name], **params))
+            for c in plan.categorical:
+                if c.name in prof.categorical:
+                    self.psi[c.name] = PSI(prof.psi_spec(prof.categorical[c.name], **params))
+            if prof.score is not None:
+                self.psi["@score"] = PSI(prof.psi_spec(prof.score, **params))
+            if prof.labels is not None:
+                self.psi["@labels"] = PSI(prof.psi_spec(prof.labels, **params))
+
+    # ----------------------------------------------------------------- detectors
+
+    def _cusum(self, name: str, mean: float, std: float) -> CUSUM | None:
+        if not (std > 0 and math.isfinite(mean)):
+            return None
+        d = self.model.detectors
+        return CUSUM(CUSUMSpec.from_reference(mean, std, arl0=d.cusum_arl0, k=d.cusum_k))
+
+    def _version(self, version: str, tick: int) -> VersionMonitor:
+        vm = self.versions.get(version)
+        if vm is None:
+            if len(self.versions) >= MAX_VERSIONS:
+                oldest = min(self.versions, key=lambda v: self.versions[v].last_tick)
+                del self.versions[oldest]
+            vm = self.versions[version] = VersionMonitor()
+        vm.last_tick = max(vm.last_tick, tick)
+        return vm
+
+    def _seq(self, vm: VersionMonitor, key: str, make: Any) -> Any:
+        det = vm.seq_dets.get(key)
+        if det is None:
+            try:
+                det = make()
+            except (ValueError, ArithmeticError) as err:  # uncalibratable spec: skip, count
+                self.detector_errors[key] = str(err)
+                return None
+            if det is not None:
+                vm.seq_dets[key] = det
+        return det
+
+    # ----------------------------------------------------------------- apply + evaluate
+
+    def apply(self, doc: Mapping[str, Any]) -> list[Finding] | None:
+        """Apply one summary; None if it was already applied (duplicate)."""
+        src = f"{doc['source']}:{doc['partition']}"
+        seq = int(doc["seq"])
+        if seq <= self.applied.get(src, 0):
+            self.duplicates += 1
+            return None
+        self.applied[src] = seq
+        tick = int(doc["tick"])
+        if self.newest_tick is None or tick > self.newest_tick:
+            self.newest_tick = tick
+        findings: list[Finding] = []
+        for g in doc["groups"]:
+            vm = self._version(g["version"], tick)
+            findings += self._apply_group(vm, g, tick)
+        findings += self._apply_labels(doc["labels"], tick)
+        return findings
+
+    def _win(self, vm: VersionMonitor, key: str, width: int, window: int) -> TickWindow:
+        w = vm.windows.get(key)
+        if w is None:
+            w = vm.windows[key] = TickWindow(width, window)
+        return w
+
+    def _span(self, w: TickWindow) -> tuple[float, float]:
+        end = (w.newest + 1) * self.tick_s if w.newest is not None else 0.0
+        return w.start_tick * self.tick_s, end
+
+    def _psi_finding(  # noqa: PLR0917
+        self,
+        vm: VersionMonitor,
+        key: str,
+        psi: PSI,
+        counts: Sequence[int],
+        tick: int,
+        kind: str,
+        version: str,
+        feature: str | None,
+    ) -> Finding | None:
+        w = self._win(vm, f"psi:{key}", psi.bins, self.model.detectors.psi_window_ticks)
+        if not w.add(tick, counts):
+            self.stale += 1
+            return None
+        r = psi.compute(np.rint(w.total()).astype(np.int64))
+        if r.severity == "insufficient":
+            return None
+        start, end = self._span(w)
+        threshold = r.critical_threshold if r.severity == "critical" else r.warn_threshold
+        return Finding(
+            kind,
+            "psi",
+            version,
+            feature,
+            None,
+            r.severity,
+            r.statistic,
+            threshold,
+            start,
+            end,
+            r.n,
+            detail={"p_value": r.p_value, "n_effective": r.n_effective},
+        )
+
+    def _seq_findings(  # noqa: PLR0917
+        self,
+        dets: list[Detection],
+        kind: str,
+        detector: str,
+        version: str,
+        feature: str | None,
+        slice_: str | None,
+        severity: str,
+        tick: int,
+        n: int,
+        message: str = "",
+    ) -> list[Finding]:
+        end = (tick + 1) * self.tick_s
+        return [
+            Finding(
+                kind,
+                detector,
+                version,
+                feature,
+                slice_,
+                severity,
+                d.statistic,
+                d.threshold,
+                end - self.tick_s,
+                end,
+                n,
+                sequential=True,
+                detail={"direction": d.direction, "index": d.index, **dict(d.detail)},
+                message=message,
+            )
+            for d in dets
+        ]
+
+    def _quality(  # noqa: PLR0917
+        self,
+        vm: VersionMonitor,
+        name: str,
+        f: Mapping[str, Any],
+        tick: int,
+        version: str,
+        required: bool,
+        ref_missing: float,
+    ) -> list[Finding]:
+        d = self.model.detectors
+        numeric = f["type"] == "numeric"
+        present = (
+            f["n"] + f["nan"] + f["wrong_type"] if numeric else sum(f["counts"]) + f["wrong_type"]
+        )
+        total = present + f["missing"]
+        nan = f["nan"] if numeric else 0
+        oor = f.get("out_of_range", 0)
+        bad_cat = f.get("not_allowed", 0)
+        valid = f["n"] if numeric else present
+        vec = [total, present, f["missing"] + nan, oor, bad_cat, f["wrong_type"], valid]
+        w = self._win(vm, f"quality:{name}", len(vec), QUALITY_WINDOW_TICKS)
+        if not w.add(tick, vec):
+            self.stale += 1
+            return []
+        t = w.total()
+        start, end = self._span(w)
+        checks = [
+            # detector, kind, violations, denominator, allowed rate
+            (
+                "missing",
+                "schema" if required else "data_quality",
+                t[2],
+                t[0],
+                ref_missing + d.quality_max_rate,
+            ),
+            ("wrong_type", "schema", t[5], t[0], d.quality_max_rate),
+        ]
+        if numeric:
+            checks.append(("out_of_range", "data_quality", t[3], t[6], d.quality_max_rate))
+        else:
+            checks.append(("unknown_category", "data_quality", t[4], t[1], d.quality_max_rate))
+        out: list[Finding] = []
+        for det, kind, k, n, allowed_raw in checks:
+            lb = wilson_lower(k, n, d.quality_z) if n >= d.quality_min_count else 0.0
+            allowed = min(allowed_raw, 0.999)
+            sev = "ok"
+            if lb > allowed:
+                sev = "critical" if lb > min(5 * allowed, 0.5) else "warn"
+            rate = k / n if n else 0.0
+            msg = ""
+            if sev != "ok":
+                what = {
+                    "missing": "missing or NaN",
+                    "wrong_type": "of the wrong type",
+                    "out_of_range": "outside the contract range",
+                    "unknown_category": "not an allowed category",
+                }[det]
+                msg = (
+                    f"{kind.replace('_', ' ')} on {self.model.model_id} {version} feature "
+                    f"{name!r}: {rate:.1%} of {int(n)} values are {what} "
+                    f"(lower bound {lb:.1%} > allowed {allowed:.1%})"
+                )
+            out.append(
+                Finding(
+                    kind,
+                    f"quality.{det}",
+                    version,
+                    name,
+                    None,
+                    sev,
+                    lb,
+                    allowed,
+                    start,
+                    end,
+                    int(n),
+                    sustain=1,
+                    detail={"rate": rate, "violations": int(k)},
+                    message=msg,
+                )
+            )
+        return out
+
+    def _apply_group(self, vm: VersionMonitor, g: Mapping[str, Any], tick: int) -> list[Finding]:
+        out: list[Finding] = []
+        version = g["version"]
+        slice_key = g["slice"]
+        prof = self.plan.profile
+        sl = None if slice_key == "*" else slice_key
+        if "features" in g:
+            for p in self.plan.numeric:
+                f = g["features"][p.name]
+                ref = prof.numeric.get(p.name) if prof else None
+                out += self._quality(
+                    vm, p.name, f, tick, version, p.required, ref.missing_rate if ref else 0.0
+                )
+                if p.name in self.psi and f["n"]:
+                    fd = self._psi_finding(
+                        vm,
+                        p.name,
+                        self.psi[p.name],
+                        f["counts"],
+                        tick,
+                        "covariate_drift",
+                        version,
+                        p.name,
+                    )
+                    if fd:
+                        out.append(fd)
+                if ref is not None and f["n"]:
+                    det = self._seq(
+                        vm, f"cusum:{p.name}", lambda r=ref: self._cusum("", r.mean, r.std)
+                    )
+                    if det is not None:
+                        dets = det.update(f["n"], f["sum"], f["sumsq"])
+                        out += self._seq_findings(
+                            dets,
+                            "covariate_drift",
+                            "cusum",
+                            version,
+                            p.name,
+                            None,
+                            "warn",
+                            tick,
+                            det.n_seen,
+                        )
+            for c in self.plan.categorical:
+                f = g["features"][c.name]
+                cref = prof.categorical.get(c.name) if prof else None
+                out += self._quality(
+                    vm, c.name, f, tick, version, c.required, cref.missing_rate if cref else 0.0
+                )
+                if c.name in self.psi and sum(f["counts"]):
+                    fd = self._psi_finding(
+                        vm,
+                        c.name,
+                        self.psi[c.name],
+                        f["counts"],
+                        tick,
+                        "covariate_drift",
+                        version,
+                        c.name,
+                    )
+                    if fd:
+                        out.append(fd)
+            out += self._budgets(vm, g, tick, version)
+            sc = g["score"]
+            if "@score" in self.psi and sc["n"]:
+                fd = self._psi_finding(
+                    vm,
+                    "@score",
+                    self.psi["@score"],
+                    sc["counts"],
+                    tick,
+                    "prediction_drift",
+                    version,
+                    None,
+                )
+                if fd:
+                    out.append(fd)
+            if prof is not None and prof.score is not None and sc["n"]:
+                s = prof.score
+                det = self._seq(vm, "cusum:@score", lambda: self._cusum("", s.mean, s.std))
+                if det is not None:
+                    dets = det.update(sc["n"], sc["sum"], sc["sumsq"])
+                    out += self._seq_findings(
+                        dets,
+                        "prediction_drift",
+                        "cusum",
+                        version,
+                        None,
+                        None,
+                        "warn",
+                        tick,
+                        det.n_seen,
+                    )
+        j = g["joined"]
+        if j["n"]:
+            out += self._concept(vm, slice_key, sl, j, tick, version)
+            out += self._calibration(vm, slice_key, sl, j, tick, version)
+        return out
+
+    def _concept(  # noqa: PLR0917
+        self,
+        vm: VersionMonitor,
+        slice_key: str,
+        sl: str | None,
+        j: Mapping[str, Any],
+        tick: int,
+        version: str,
+    ) -> list[Finding]:
+        if self.model.task == "regression":
+            return []
+        d = self.model.detectors
+        key = f"concept:{slice_key}"
+        det = vm.seq_dets.get(key)
+        if det is None:
+            p0 = self.plan.profile.error_rate if self.plan.profile is not None else None
+            if p0 is None:  # learn the in-control rate from the first pairs of this version
+                wu = vm.warmup.setdefault(slice_key, [0.0, 0.0])
+                wu[0] += j["n"]
+                wu[1] += j["errors"]
+                if wu[0] < d.concept_warmup_pairs:
+                    return []
+                p0 = wu[1] / wu[0]
+            p0 = min(max(p0, 0.005), 0.45)
+            p1 = min(p0 * d.concept_shift, (1 + p0) / 2)
+            spec_p = (p0, p1)
+            det = self._seq(
+                vm,
+                key,
+                lambda: BernoulliCUSUM(
+                    BernoulliCUSUMSpec(p0=spec_p[0], p1=spec_p[1], arl0=d.concept_arl0)
+                ),
+            )
+            if det is None:
+                return []
+            if self.plan.profile is None or self.plan.profile.error_rate is None:
+                return []
+        dets = det.update(j["n"], j["errors"])
+        where = f" slice {sl!r}" if sl else ""
+        return self._seq_findings(
+            dets,
+            "concept_drift",
+            "bernoulli_cusum",
+            version,
+            None,
+            sl,
+            "critical",
+            tick,
+            det.n_seen,
+            message=(
+                f"concept drift on {self.model.model_id} {version}{where}: error rate on joined "
+                f"labels rose above {det.spec.p0:.1%} (tuned to catch {det.p1:.1%})"
+            ),
+        )
+
+    def _calibration(  # noqa: PLR0917
+        self,
+        vm: VersionMonitor,
+        slice_key: str,
+        sl: str | None,
+        j: Mapping[str, Any],
+        tick: int,
+        version: str,
+    ) -> list[Finding]:
+        d = self.model.detectors
+        vec = [*j["calib_n"], *j["calib_pos"], *j["calib_score"]]
+        w = self._win(vm, f"calib:{slice_key}", 3 * CALIB_BINS, d.psi_window_ticks)
+        if not w.add(tick, vec):
+            self.stale += 1
+            return []
+        t = w.total()
+        n, pos, ssum = t[:CALIB_BINS], t[CALIB_BINS : 2 * CALIB_BINS], t[2 * CALIB_BINS :]
+        total = n.sum()
+        if total < d.calibration_min_count:
+            return []
+        mask = n > 0
+        gap = float(np.sum(np.abs(pos[mask] - ssum[mask])) / total)
+        sev = "warn" if gap > d.calibration_max_gap else "ok"
+        start, end = self._span(w)
+        return [
+            Finding(
+                "performance",
+                "calibration",
+                version,
+                None,
+                sl,
+                sev,
+                gap,
+                d.calibration_max_gap,
+                start,
+                end,
+                int(total),
+            )
+        ]
+
+    def _budgets(
+        self, vm: VersionMonitor, g: Mapping[str, Any], tick: int, version: str
+    ) -> list[Finding]:
+        b = self.model.budgets
+        out: list[Finding] = []
+        if b.cost_usd_per_1k is not None and g["cost"]["n"]:
+            w = self._win(vm, "cost", 2, b.window_ticks)
+            w.add(tick, [g["cost"]["n"], g["cost"]["sum"]])
+            n, total = w.total()
+            if n >= b.min_count:
+                per_1k = 1000.0 * total / n
+                sev = "ok"
+                if per_1k > b.cost_usd_per_1k:
+                    sev = "critical" if per_1k > 2 * b.cost_usd_per_1k else "warn"
+                start, end = self._span(w)
+                out.append(
+                    Finding(
+                        "cost",
+                        "cost_per_1k",
+                        version,
+                        None,
+                        None,
+                        sev,
+                        per_1k,
+                        b.cost_usd_per_1k,
+                        start,
+                        end,
+                        int(n),
+                        message=(
+                            f"cost on {self.model.model_id} {version}: ${per_1k:.3f} per 1k "
+                            f"requests over {int(n)} requests, budget ${b.cost_usd_per_1k:.3f}"
+                        )
+                        if sev != "ok"
+                        else "",
+                    )
+                )
+        lat = g["latency"]
+        if b.latency_ms is not None and lat["n"]:
+            w = self._win(vm, "latency", len(lat["counts"]), b.window_ticks)
+            w.add(tick, lat["counts"])
+            counts = w.total()
+            n = int(counts.sum())
+            if n >= b.min_count:
+                p = _percentile_from_hist(counts, LATENCY_EDGES_MS, b.latency_percentile)
+                sev = "warn" if p > b.latency_ms else "ok"
+                start, end = self._span(w)
+                out.append(
+                    Finding(
+                        "performance",
+                        f"latency_p{b.latency_percentile:g}",
+                        version,
+                        None,
+                        None,
+                        sev,
+                        p,
+                        b.latency_ms,
+                        start,
+                        end,
+                        n,
+                    )
+                )
+        return out
+
+    def _apply_labels(self, lab: Mapping[str, Any], tick: int) -> list[Finding]:
+        if not lab["n"]:
+            return []
+        out: list[Finding] = []
+        vm = self.model_level
+        if "@labels" in self.psi:
+            fd = self._psi_finding(
+                vm, "@labels", self.psi["@labels"], lab["counts"], tick, "label_drift", "*", None
+            )
+            if fd:
+                out.append(fd)
+        prof = self.plan.profile
+        pr = prof.positive_rate if prof is not None else None
+        if pr is not None and 0.0 < pr < 1.0:
+            d = self.model.detectors
+            det = self._seq(
+                vm,
+                "label_rate",
+                lambda: BernoulliCUSUM(
+                    BernoulliCUSUMSpec(
+                        p0=min(max(pr, 0.001), 0.999),
+                        p1=(
+                            min(pr * d.concept_shift, (1 + pr) / 2)
+                            if pr < 0.5
+                            else pr / d.concept_shift
+                        ),
+                        arl0=d.concept_arl0,
+                    )
+                ),
+            )
+            if det is None:
+                return out
+            dets = det.update(lab["n"], lab["positives"])
+            out += self._seq_findings(
+                dets, "label_drift", "bernoulli_cusum", "*", None, None, "warn", tick, det.n_seen
+            )
+        return out
+
+    # ----------------------------------------------------------------- state
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "versions": {v: vm.to_state() for v, vm in self.versions.items()},
+            "model_level": self.model_level.to_state(),
+            "applied": self.applied,
+            "policy": self.policy.to_state(),
+            "killswitch": self.killswitch.to_state(),
+            "newest_tick": self.newest_tick,
+            "duplicates": self.duplicates,
+            "stale": self.stale,
+        }
+
+    def load(self, doc: Mapping[str, Any]) -> None:
+        self.versions = {v: VersionMonitor.from_state(s) for v, s in doc["versions"].items()}
+        self.model_level = VersionMonitor.from_state(doc["model_level"])
+        self.applied = {k: int(v) for k, v in doc["applied"].items()}
+        self.policy.load(doc["policy"])
+        self.killswitch.load(doc["killswitch"])
+        self.newest_tick = doc["newest_tick"]
+        self.duplicates = int(doc["duplicates"])
+        self.stale = int(doc.get("stale", 0))
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+@dataclass
+class DetectOutput:
+    """What one stage-2 batch produced."""
+
+    messages: list[OutMessage] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[tuple[str, Finding]] = field(default_factory=list)  # (model_id, finding)
+    killswitch: dict[str, bytes] = field(default_factory=dict)
+    next_offset: dict[str, int] = field(default_factory=dict)
+    applied: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+
+
+class Detect:
+    """Stage 2 for one summaries partition."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        plans: Mapping[str, ModelPlan],
+        partition: int,
+        *,
+        topics: Topics | None = None,
+        tick_s: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.plans = plans
+        self.partition = partition
+        self.topics = topics or Topics()
+        self.tick_s = tick_s
+        self.models: dict[str, ModelMonitor] = {}
+        self.next_offset: dict[str, int] = {}
+
+    def _monitor(self, model_id: str) -> ModelMonitor | None:
+        mon = self.models.get(model_id)
+        if mon is None:
+            plan = self.plans.get(model_id)
+            if plan is None:
+                return None
+            mon = self.models[model_id] = ModelMonitor(plan, self.config.config_hash, self.tick_s)
+        return mon
+
+    def process_raw(self, values: Iterable[tuple[int, bytes]]) -> DetectOutput:
+        """Apply summary messages given as ``(offset, value bytes)`` in partition order."""
+        docs: list[Mapping[str, Any]] = []
+        invalid = 0
+        for offset, raw in values:
+            self.next_offset[self.topics.summaries] = max(
+                self.next_offset.get(self.topics.summaries, 0), offset + 1
+            )
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                invalid += 1
+                continue
+            docs.append(doc)
+        out = self.process(docs)
+        out.invalid = invalid
+        return out
+
+    def process(self, summaries: Sequence[Mapping[str, Any]]) -> DetectOutput:
+        """Apply decoded summaries in order; return alerts, commands and state changes."""
+        out = DetectOutput(next_offset=dict(self.next_offset))
+        for doc in summaries:
+            mon = self._monitor(str(doc.get("model_id")))
+            if mon is None:
+                out.invalid += 1
+                continue
+            findings = mon.apply(doc)
+            if findings is None:
+                out.duplicates += 1
+                continue
+            out.applied += 1
+            now = (int(mon.newest_tick or 0) + 1) * self.tick_s
+            mid = mon.model.model_id
+            out.findings.extend((mid, f) for f in findings)
+            for f in findings:
+                seq = mon.policy.evaluate(f, now)
+                if seq is None:
+                    continue
+                alert = build_alert(
+                    mon.model,
+                    f,
+                    seq,
+                    detected_at=now,
+                    reference_id=mon.reference_id,
+                    config_hash=mon.config_hash,
+                )
+                out.alerts.append(alert)
+                out.messages.append(self._msg(alert["alert_id"], self.topics.alerts, alert))
+                cmd = mon.killswitch.on_alert(alert, now)
+                if cmd is not None:
+                    self._command(out, mon, cmd)
+        return out
+
+    def _msg(self, mid: str, topic: str, doc: Mapping[str, Any]) -> OutMessage:
+        return OutMessage(mid, topic, str(doc["model_id"]).encode(), orjson.dumps(doc))
+
+    def _command(self, out: DetectOutput, mon: ModelMonitor, cmd: dict[str, Any]) -> None:
+        out.commands.append(cmd)
+        out.messages.append(self._msg(cmd["command_id"], self.topics.control, cmd))
+        out.killswitch[mon.model.model_id] = orjson.dumps(mon.killswitch.to_state())
+
+    def manual(
+        self,
+        model_id: str,
+        action: str,
+        now: float,
+        *,
+        target_version: str | None = None,
+        reason: str = "",
+    ) -> DetectOutput:
+        """Manual kill-switch trip or release; commit the output like any batch."""
+        mon = self._monitor(model_id)
+        if mon is None:
+            valid = ", ".join(sorted(self.plans))
+            raise ValueError(f"model_id: {model_id!r} is not configured; valid values: {valid}")
+        out = DetectOutput(next_offset=dict(self.next_offset))
+        cmd = mon.killswitch.manual(action, now, target_version=target_version, reason=reason)
+        self._command(out, mon, cmd)
+        return out
+
+    def snapshot(self) -> bytes:
+        return orjson.dumps(
+            {
+                "schema": STATE_SCHEMA,
+                "kind": "detect",
+                "partition": self.partition,
+                "next_offset": self.next_offset,
+                "models": {m: mon.to_state() for m, mon in sorted(self.models.items())},
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+
+    def restore(self, state: bytes | None) -> None:
+        if state is None:
+            return
+        doc = orjson.loads(state)
+        if doc.get("schema") != STATE_SCHEMA or doc.get("kind") != "detect":
+            raise ValueError(
+                f"state: expected detect schema {STATE_SCHEMA}, got {doc.get('kind')!r} "
+                f"schema {doc.get('schema')!r}"
+            )
+        self.next_offset = dict(doc["next_offset"])
+        self.models = {}
+        for m, s in doc["models"].items():
+            mon = self._monitor(m)
+            if mon is not None:
+                mon.load(s)

@@ -1,0 +1,472 @@
+"""Embedded mode: the real engine over an in-process bus and :class:`MemoryStore`.
+
+``driftline demo`` and ``driftline replay`` run here, with no Kafka or Redis. The bus has
+topics with partitions and Kafka's default key partitioner (murmur2), so predictions and
+labels with the same ``request_id`` meet in the same stage-1 partition exactly as they do
+on a real cluster. The runner does what the faust agents will do — claim, process, commit
+(with the join ops), absorb the joined pairs, publish the outbox, ack — so the consistency
+protocol is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+import orjson
+
+from stream.config import ModelConfig, MonitorConfig, Topics
+from stream.engine import Detect, Ingest, compile_plans, tune_gc
+from stream.events import RawMessage
+from stream.profile import Profile, profile_for
+from stream.store import MemoryStore, OutMessage
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (the Java client's default partitioner), as a signed 32-bit int.
+
+    Test vectors are those of Kafka's ``Utils.murmur2`` (as used in Akka's Murmur2Spec):
+
+    >>> [murmur2(s.encode()) for s in ("1", "12", "123", "1234", "12345")]
+    [-1993445489, 126087238, -267702483, -1614185708, -1188365604]
+    """
+    length = len(data)
+    seed = 0x9747B28C
+    m = 0x5BD1E995
+    r = 24
+    h = (seed ^ length) & 0xFFFFFFFF
+    n4 = length // 4
+    for i in range(n4):
+        i4 = i * 4
+        k = data[i4] | (data[i4 + 1] << 8) | (data[i4 + 2] << 16) | (data[i4 + 3] << 24)
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = (h * m) & 0xFFFFFFFF
+        h ^= k
+    extra = length % 4
+    idx = n4 * 4
+    if extra >= 3:
+        h ^= data[idx + 2] << 16
+    if extra >= 2:
+        h ^= data[idx + 1] << 8
+    if extra >= 1:
+        h ^= data[idx]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """Kafka's default partition of a keyed message."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class BusRecord(NamedTuple):
+    offset: int
+    key: bytes
+    value: bytes
+    order: int  # global produce order (to merge two topics in arrival order)
+
+
+class Bus:
+    """In-process topics with partitions (append-only logs)."""
+
+    def __init__(self) -> None:
+        self.logs: dict[str, list[list[BusRecord]]] = {}
+        self._order = 0
+
+    def create(self, topic: str, partitions: int) -> None:
+        if topic not in self.logs:
+            self.logs[topic] = [[] for _ in range(partitions)]
+
+    def partitions(self, topic: str) -> int:
+        return len(self.logs[topic])
+
+    def produce(self, topic: str, key: bytes, value: bytes) -> tuple[int, int]:
+        parts = self.logs[topic]
+        p = partition_for(key, len(parts))
+        self._order += 1
+        parts[p].append(BusRecord(len(parts[p]), key, value, self._order))
+        return p, len(parts[p]) - 1
+
+    def read(self, topic: str, partition: int, offset: int, limit: int) -> list[BusRecord]:
+        return self.logs[topic][partition][offset : offset + limit]
+
+
+@dataclass
+class RunResult:
+    """Everything a run published (alerts and commands in publish order)."""
+
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    summaries: int = 0
+    deadletters: int = 0
+    accepted: int = 0
+    commits: int = 0
+
+
+class EmbeddedRunner:
+    """Drives stage 1 and stage 2 over the bus with a :class:`MemoryStore`."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        profiles: Mapping[str, Profile | None] | None = None,
+        *,
+        partitions: int = 2,
+        tick_s: float = 1.0,
+        lateness_s: float = 2.0,
+        batch_size: int = 2000,
+        topics: Topics | None = None,
+        max_future_s: float = 300.0,
+        store: MemoryStore | None = None,
+        bus: Bus | None = None,
+    ) -> None:
+        """``store`` / ``bus`` may be shared with an earlier runner: a new runner over the
+        same store and bus is a restarted worker (claim, restore, republish, continue)."""
+        tune_gc()
+        self.config = config
+        if profiles is None:
+            profiles = {m: profile_for(cfg) for m, cfg in config.models.items()}
+        self.plans = compile_plans(config, profiles)
+        self.topics = topics or Topics()
+        self.tick_s = tick_s
+        self.batch_size = batch_size
+        self.clock = 0.0  # event time: the newest input timestamp seen
+        self.store = store if store is not None else MemoryStore(clock=lambda: self.clock)
+        self.bus = bus if bus is not None else Bus()
+        t = self.topics
+        for name in (t.predictions, t.labels, t.summaries, t.alerts, t.control, t.deadletter):
+            self.bus.create(name, partitions)
+        self.partitions = partitions
+        self.ingest = [
+            Ingest(
+                config,
+                self.plans,
+                p,
+                topics=t,
+                tick_s=tick_s,
+                lateness_s=lateness_s,
+                max_future_s=max_future_s,
+            )
+            for p in range(partitions)
+        ]
+        self.detect = [
+            Detect(config, self.plans, p, topics=t, tick_s=tick_s) for p in range(partitions)
+        ]
+        self.gen_ingest = [0] * partitions
+        self.gen_detect = [0] * partitions
+        self.result = RunResult()
+        self._claimed = False
+
+    async def start(self) -> None:
+        """Claim every partition and restore its state (fresh stores start empty)."""
+        for p in range(self.partitions):
+            c = await self.store.claim("ingest", p, "embedded")
+            self.gen_ingest[p] = c.generation
+            self.ingest[p].restore(c.state, c.inbox)
+            self._publish_now(c.outbox)
+            c2 = await self.store.claim("detect", p, "embedded")
+            self.gen_detect[p] = c2.generation
+            self.detect[p].restore(c2.state)
+            self._publish_now(c2.outbox)
+        self._claimed = True
+
+    def produce(self, topic: str, events: Iterable[Mapping[str, Any]]) -> None:
+        """Publish events (one per message, key = request_id)."""
+        for ev in events:
+            self.bus.produce(topic, str(ev.get("request_id", "")).encode(), orjson.dumps(ev))
+
+    def produce_raw(self, topic: str, key: bytes, value: bytes) -> None:
+        self.bus.produce(topic, key, value)
+
+    def _publish_now(self, msgs: Sequence[OutMessage]) -> None:
+        for m in msgs:
+            self.bus.produce(m.topic, m.key, m.value)
+            if m.topic == self.topics.summaries:
+                self.result.summaries += 1
+            elif m.topic == self.topics.deadletter:
+                self.result.deadletters += 1
+
+    async def _publish(self, stage: str, p: int, gen: int, msgs: Sequence[OutMessage]) -> None:
+        self._publish_now(msgs)
+        if msgs:
+            await self.store.ack_outbox(stage, p, gen, [m.id for m in msgs])
+
+    def _next_input(self, p: int) -> list[RawMessage]:
+        t = self.topics
+        off = self.ingest[p].next_offset
+        preds = self.bus.read(t.predictions, p, off.get(t.predictions, 0), self.batch_size)
+        labs = self.bus.read(t.labels, p, off.get(t.labels, 0), self.batch_size)
+        merged = sorted(
+            [(r.order, t.predictions, r) for r in preds] + [(r.order, t.labels, r) for r in labs]
+        )[: self.batch_size]
+        return [RawMessage(topic, p, r.offset, r.value) for _, topic, r in merged]
+
+    async def step_ingest(self, p: int, now: float) -> int:
+        """One stage-1 batch on partition ``p``; returns the number of input messages."""
+        msgs = self._next_input(p)
+        if not msgs:
+            return 0
+        ing = self.ingest[p]
+        out = ing.process_raw(msgs, now)
+        self.clock = max(self.clock, ing.watermark)
+        result = await self.store.commit(
+            "ingest",
+            p,
+            self.gen_ingest[p],
+            state=ing.snapshot(),
+            next_offset=out.next_offset,
+            outbox=out.messages,
+            join_ops=out.join_ops,
+        )
+        ing.absorb(result)
+        self.result.accepted += out.accepted
+        self.result.commits += 1
+        await self._publish("ingest", p, self.gen_ingest[p], out.messages)
+        return len(msgs)
+
+    async def flush_ingest(self, p: int, now: float | None) -> None:
+        ing = self.ingest[p]
+        out = ing.flush(now)
+        if not out.messages:
+            return
+        await self.store.commit(
+            "ingest",
+            p,
+            self.gen_ingest[p],
+            state=ing.snapshot(),
+            next_offset=out.next_offset,
+            outbox=out.messages,
+        )
+        self.result.commits += 1
+        await self._publish("ingest", p, self.gen_ingest[p], out.messages)
+
+    async def step_detect(self, p: int) -> int:
+        det = self.detect[p]
+        off = det.next_offset.get(self.topics.summaries, 0)
+        recs = self.bus.read(self.topics.summaries, p, off, self.batch_size)
+        if not recs:
+            return 0
+        out = det.process_raw((r.offset, r.value) for r in recs)
+        await self.store.commit(
+            "detect",
+            p,
+            self.gen_detect[p],
+            state=det.snapshot(),
+            next_offset=out.next_offset,
+            outbox=out.messages,
+            killswitch=out.killswitch,
+        )
+        self.result.commits += 1
+        self.result.alerts.extend(out.alerts)
+        self.result.commands.extend(out.commands)
+        await self._publish("detect", p, self.gen_detect[p], out.messages)
+        return len(recs)
+
+    async def drain(self, now: float, on_progress: Callable[[], None] | None = None) -> None:
+        """Process everything on the bus (stage 1 on all partitions, then stage 2)."""
+        if not self._claimed:
+            await self.start()
+        while True:
+            moved = 0
+            for p in range(self.partitions):
+                moved += await self.step_ingest(p, now)
+            for p in range(self.partitions):
+                moved += await self.step_detect(p)
+            if on_progress is not None:
+                on_progress()
+            if not moved:
+                return
+
+    async def finish(self, now: float) -> None:
+        """Idle flush: close every tick up to ``now`` and run stage 2 over the rest."""
+        self.clock = max(self.clock, now)
+        for p in range(self.partitions):
+            await self.flush_ingest(p, now)
+        await self.drain(now)
+
+    async def manual(self, model_id: str, action: str, now: float, **kw: Any) -> dict[str, Any]:
+        """Manual kill-switch operation on the stage-2 partition owning ``model_id``."""
+        p = partition_for(model_id.encode(), self.partitions)
+        det = self.detect[p]
+        out = det.manual(model_id, action, now, **kw)
+        await self.store.commit(
+            "detect",
+            p,
+            self.gen_detect[p],
+            state=det.snapshot(),
+            next_offset=det.next_offset,
+            outbox=out.messages,
+            killswitch=out.killswitch,
+        )
+        self.result.commands.extend(out.commands)
+        await self._publish("detect", p, self.gen_detect[p], out.messages)
+        return out.commands[0]
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Events from a JSONL or Parquet log (Parquet: flat columns or a ``features`` struct)."""
+    p = Path(path)
+    if p.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        # Parquet has no "absent": a null top-level column value means the field was absent
+        return [
+            {k: v for k, v in row.items() if v is not None} for row in pq.read_table(p).to_pylist()
+        ]
+    out = []
+    with p.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                out.append(orjson.loads(line))
+    return out
+
+
+def _is_label(ev: Mapping[str, Any]) -> bool:
+    return "label" in ev and "features" not in ev
+
+
+async def replay_async(
+    config: MonitorConfig,
+    logs: Sequence[str | Path],
+    *,
+    partitions: int = 2,
+    tick_s: float = 1.0,
+    lateness_s: float = 2.0,
+    batch_size: int = 2000,
+    out: TextIO | None = None,
+    quiet: bool = False,
+) -> RunResult:
+    """Replay prediction/label logs in event-time order through the embedded service.
+
+    Prints progress to stderr and the timeline to ``out`` (default stdout) unless ``quiet``.
+    """
+    if out is None and not quiet:
+        out = sys.stdout
+    events: list[dict[str, Any]] = []
+    for log in logs:
+        events.extend(read_events(log))
+    events.sort(key=lambda e: float(e.get("ts", 0.0)))
+    runner = EmbeddedRunner(
+        config,
+        partitions=partitions,
+        tick_s=tick_s,
+        lateness_s=lateness_s,
+        batch_size=batch_size,
+        max_future_s=float("inf"),
+    )
+    await runner.start()
+    t = runner.topics
+    t0 = float(events[0].get("ts", 0.0)) if events else 0.0
+    step = 5.0 * tick_s  # feed in event-time slices so that partitions progress together
+    i = 0
+    last_ts = t0
+    while i < len(events):
+        until = float(events[i].get("ts", 0.0)) + step
+        while i < len(events) and float(events[i].get("ts", 0.0)) < until:
+            ev = events[i]
+            runner.produce(t.labels if _is_label(ev) else t.predictions, [ev])
+            last_ts = max(last_ts, float(ev.get("ts", 0.0)))
+            i += 1
+        await runner.drain(now=last_ts)
+        if out is not None:
+            print(
+                f"\rreplay: {i}/{len(events)} events, {len(runner.result.alerts)} alerts",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+    await runner.finish(last_ts + 3600.0)
+    if out is not None:
+        print(file=sys.stderr)
+        print(f"t = seconds after the first event (ts {t0})", file=out)
+        print_timeline(runner.result, out=out, t0=t0)
+    return runner.result
+
+
+def replay(config: MonitorConfig, logs: Sequence[str | Path], **kw: Any) -> RunResult:
+    return asyncio.run(replay_async(config, logs, **kw))
+
+
+def print_timeline(
+    result: RunResult,
+    *,
+    out: TextIO,
+    t0: float | None = None,
+    after_change: Callable[[Mapping[str, Any]], str] | None = None,
+) -> None:
+    """Alert and kill-switch timeline, one line each."""
+    rows: list[tuple[float, str]] = []
+    for a in result.alerts:
+        where = a.get("feature") or a.get("slice") or "-"
+        rel = a["detected_at"] - t0 if t0 is not None else a["detected_at"]
+        extra = f"  {after_change(a)}" if after_change else ""
+        rows.append(
+            (
+                a["detected_at"],
+                f"t={rel:8.1f}s  ALERT {a['severity']:<8} {a['kind']:<16} {a['model_id']} "
+                f"{a['model_version']:<3} {where:<22} {a['detector']:<22} "
+                f"stat={a['statistic']:.4g} thr={a['threshold']:.4g}{extra}",
+            )
+        )
+    for c in result.commands:
+        rel = c["issued_at"] - t0 if t0 is not None else c["issued_at"]
+        rows.append(
+            (
+                c["issued_at"],
+                f"t={rel:8.1f}s  KILL-SWITCH {c['action']:<8} {c['model_id']} "
+                f"target={c.get('target_version')} mode={c['mode']} "
+                f"reasons={','.join(c['reason_alert_ids']) or '-'}",
+            )
+        )
+    if not rows:
+        print("no alerts", file=out)
+    for _, line in sorted(rows, key=lambda r: r[0]):
+        print(line, file=out)
+
+
+def first_alert_for(
+    alerts: Sequence[Mapping[str, Any]],
+    *,
+    after: float,
+    kinds: Sequence[str],
+    version: str,
+    feature: str | None = None,
+    slice_key: str | None = None,
+) -> Mapping[str, Any] | None:
+    """The first alert at or after ``after`` matching kind/version/feature/slice."""
+    for a in sorted(alerts, key=lambda a: a["detected_at"]):
+        if a["detected_at"] < after or a["kind"] not in kinds or a["model_version"] != version:
+            continue
+        if feature is not None and a.get("feature") != feature:
+            continue
+        if slice_key is not None and a.get("slice") != slice_key:
+            continue
+        return a
+    return None
+
+
+def model_config(config: MonitorConfig, model_id: str) -> ModelConfig:
+    try:
+        return config.models[model_id]
+    except KeyError:
+        valid = ", ".join(sorted(config.models))
+        raise ValueError(
+            f"--model: {model_id!r} is not in the config; valid values: {valid}"
+        ) from None
+
+
+def wall() -> float:
+    return time.perf_counter()

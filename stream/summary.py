@@ -1,0 +1,497 @@
+"""Tick summaries: what stage 1 accumulates per (model, version, slice, tick) and ships.
+
+A :class:`ModelPlan` is compiled once per model from its config and reference profile (bin
+edges, category indexes, slice values); accumulators are plain numpy arrays so a batch is
+folded in with a few vectorised calls per feature, and merge/serialise trivially.
+
+Group ``slice == "*"`` carries everything (features, score, latency, cost, LLM counters,
+joined-pair errors and calibration); a slice group ``"<dim>=<value>"`` carries only the event
+count, the score distribution and the joined-pair errors/calibration — what per-slice
+concept-drift and calibration checks need — to keep stage-1 cost bounded.
+
+Summary layout (one per model, tick and source partition; ``summary.schema.json``)::
+
+    {summary_id, source, partition, seq, model_id, tick, tick_s, late,
+     labels: {n, counts[], positives, outcomes{joined, duplicate, early, duplicate_request}},
+     groups: [{version, slice, n, score{counts[], n, sum, sumsq},
+               joined{n, errors, calib_n[], calib_pos[], calib_score[]},
+               features?{name: numeric{counts[], n, sum, sumsq, min, max, missing, nan,
+                                       out_of_range, wrong_type}
+                             | categorical{counts[], missing, wrong_type, not_allowed}},
+               latency?{counts[], n, sum}, cost?{n, sum}, llm?{n, input_tokens,
+               output_tokens, retrieval_hits, flags{}}}]}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from detectors.sketches import numeric_bin_counts
+from stream.config import ModelConfig
+from stream.events import Prediction
+from stream.profile import Profile, norm_target
+from stream.store import JoinedPair
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+LATENCY_EDGES_MS: Final = np.geomspace(1.0, 60_000.0, 41)
+"""Interior edges of the latency histogram (ms): 42 log-spaced bins from <1 ms to >60 s."""
+DEFAULT_SCORE_EDGES: Final = np.linspace(0.1, 0.9, 9)
+CALIB_BINS: Final = 10
+MAX_LLM_FLAGS: Final = 32
+_NUMERIC_TYPES: Final = frozenset({float, int, type(None)})
+# numeric layout: n, sum, sumsq, min, max, missing, nan, out_of_range, wrong_type
+_N, _SUM, _SQ, _MIN, _MAX, _MISS, _NAN, _OOR, _WT = range(9)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class NumPlan:
+    name: str
+    edges: FloatArray
+    lo: float
+    hi: float
+    required: bool
+
+
+@dataclass(frozen=True)
+class CatPlan:
+    name: str
+    categories: tuple[str, ...]
+    index: Mapping[str, int]
+    allowed: frozenset[str] | None
+    required: bool
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    name: str
+    values: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything stage 1 needs to accumulate one model, compiled once."""
+
+    model: ModelConfig
+    profile: Profile | None
+    numeric: tuple[NumPlan, ...]
+    categorical: tuple[CatPlan, ...]
+    score_edges: FloatArray
+    label_categories: tuple[str, ...]
+    label_index: Mapping[str, int]
+    slices: tuple[SlicePlan, ...]
+    feature_names: frozenset[str]
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @classmethod
+    def compile(cls, model: ModelConfig, profile: Profile | None) -> ModelPlan:
+        numeric: list[NumPlan] = []
+        categorical: list[CatPlan] = []
+        for f in model.features:
+            if f.type == "numeric":
+                ref = profile.numeric.get(f.name) if profile else None
+                if ref is not None:
+                    edges = np.asarray(ref.edges, dtype=np.float64)
+                elif f.range is not None:
+                    edges = np.linspace(f.range[0], f.range[1], model.detectors.bins + 1)[1:-1]
+                else:
+                    edges = np.zeros(0, dtype=np.float64)
+                lo, hi = f.range if f.range is not None else (-np.inf, np.inf)
+                numeric.append(NumPlan(f.name, edges, float(lo), float(hi), f.required))
+            else:
+                cref = profile.categorical.get(f.name) if profile else None
+                cats = cref.categories if cref is not None else (f.categories or ())
+                categorical.append(
+                    CatPlan(
+                        f.name,
+                        tuple(cats),
+                        {c: i for i, c in enumerate(cats)},
+                        frozenset(f.categories) if f.categories is not None else None,
+                        f.required,
+                    )
+                )
+        if profile is not None and profile.score is not None:
+            score_edges = np.asarray(profile.score.edges, dtype=np.float64)
+        else:
+            score_edges = DEFAULT_SCORE_EDGES
+        if profile is not None and profile.labels is not None:
+            labels = tuple(profile.labels.categories)
+        elif model.task == "binary":
+            labels = ("0", "1")
+        else:
+            labels = ()
+        slices: list[SlicePlan] = []
+        for s in model.slices:
+            if s.values is not None:
+                vals = s.values
+            elif profile is not None and s.name in profile.categorical:
+                vals = profile.categorical[s.name].categories[: s.max_values]
+            else:
+                vals = ()
+            slices.append(SlicePlan(s.name, frozenset(vals)))
+        return cls(
+            model,
+            profile,
+            tuple(numeric),
+            tuple(categorical),
+            score_edges,
+            labels,
+            {c: i for i, c in enumerate(labels)},
+            tuple(slices),
+            frozenset(f.name for f in model.features),
+        )
+
+    def slice_keys(self, ev: Prediction) -> tuple[str, ...]:
+        """The bounded slice keys ``"dim=value"`` of one prediction (unknown → ``other``)."""
+        out: list[str] = []
+        sl = ev.slice
+        for s in self.slices:
+            v = sl.get(s.name) if sl is not None else None
+            if v is None:
+                fv = ev.features.get(s.name)
+                v = None if fv is None else norm_target(fv)
+            out.append(f"{s.name}={v if v in s.values else 'other'}")
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+def _moments(arr: FloatArray) -> tuple[int, float, float, float, float]:
+    if arr.shape[0] == 0:
+        return 0, 0.0, 0.0, np.inf, -np.inf
+    return (
+        int(arr.shape[0]),
+        float(arr.sum()),
+        float(np.dot(arr, arr)),
+        float(arr.min()),
+        float(arr.max()),
+    )
+
+
+def _to_numeric(vals: list[Any]) -> tuple[FloatArray, int, int]:
+    """(array with NaN for missing/wrong type, n_missing, n_wrong_type)."""
+    if _NUMERIC_TYPES.issuperset(map(type, vals)):
+        missing = vals.count(None)
+        return np.array(vals, dtype=np.float64), missing, 0
+    out = np.full(len(vals), np.nan, dtype=np.float64)
+    missing = wrong = 0
+    for i, v in enumerate(vals):
+        t = type(v)
+        if t is float or t is int:
+            out[i] = v
+        elif v is None:
+            missing += 1
+        else:
+            wrong += 1
+    return out, missing, wrong
+
+
+class GroupAcc:
+    """Accumulator of one (model, version, slice) group within one tick."""
+
+    __slots__ = (
+        "calib",
+        "cat",
+        "cost",
+        "full",
+        "joined",
+        "lat",
+        "llm",
+        "n",
+        "num",
+        "score",
+        "unexpected",
+    )
+
+    def __init__(self, plan: ModelPlan, full: bool) -> None:
+        self.full = full
+        self.n = 0
+        k = plan.score_edges.shape[0] + 1
+        self.score: list[Any] = [np.zeros(k, np.int64), 0, 0.0, 0.0]
+        self.joined = [0, 0]  # n, errors
+        self.calib = np.zeros((3, CALIB_BINS), np.float64)  # n, positives, score sum
+        self.num: dict[str, list[Any]] = {}
+        self.cat: dict[str, list[Any]] = {}
+        self.lat: list[Any] = []
+        self.cost = [0, 0.0]
+        self.llm: list[Any] = []
+        self.unexpected = 0  # events carrying a feature the contract does not list
+        if full:
+            for p in plan.numeric:
+                self.num[p.name] = [
+                    np.zeros(p.edges.shape[0] + 1, np.int64),
+                    np.array([0, 0.0, 0.0, np.inf, -np.inf, 0, 0, 0, 0], np.float64),
+                ]
+            for c in plan.categorical:
+                self.cat[c.name] = [np.zeros(len(c.categories) + 1, np.int64), [0, 0, 0]]
+            self.lat = [np.zeros(LATENCY_EDGES_MS.shape[0] + 1, np.int64), 0, 0.0]
+            self.llm = [0, 0, 0, 0, Counter()]
+
+    # ----------------------------------------------------------------- folding
+
+    def add_predictions(self, evs: Sequence[Prediction], plan: ModelPlan) -> None:
+        self.n += len(evs)
+        scores, _, _ = _to_numeric(
+            [e.score if e.score is not None else _num_or_none(e.prediction) for e in evs]
+        )
+        s = scores[np.isfinite(scores)]
+        counts, _ = numeric_bin_counts(plan.score_edges, s)
+        sc = self.score
+        sc[0] += counts
+        sc[1] += int(s.shape[0])
+        sc[2] += float(s.sum())
+        sc[3] += float(np.dot(s, s))
+        if not self.full:
+            return
+        feats = [e.features for e in evs]
+        known = plan.feature_names
+        self.unexpected += sum(1 for f in feats if not f.keys() <= known)
+        for p in plan.numeric:
+            arr, missing, wrong = _to_numeric([f.get(p.name) for f in feats])
+            fin_mask = np.isfinite(arr)
+            fin = arr[fin_mask]
+            hist, acc = self.num[p.name]
+            if p.edges.shape[0]:
+                hist += numeric_bin_counts(p.edges, fin)[0]
+            else:
+                hist[0] += fin.shape[0]
+            n, tot, sq, mn, mx = _moments(fin)
+            acc[_N] += n
+            acc[_SUM] += tot
+            acc[_SQ] += sq
+            acc[_MIN] = min(acc[_MIN], mn)
+            acc[_MAX] = max(acc[_MAX], mx)
+            acc[_MISS] += missing
+            acc[_NAN] += arr.shape[0] - fin.shape[0] - missing - wrong
+            acc[_WT] += wrong
+            acc[_OOR] += int(np.count_nonzero((fin < p.lo) | (fin > p.hi)))
+        for c in plan.categorical:
+            hist, extra = self.cat[c.name]
+            k = hist.shape[0] - 1
+            for raw, cnt in Counter([f.get(c.name) for f in feats]).items():
+                if raw is None:
+                    extra[0] += cnt
+                    continue
+                t = type(raw)
+                if t is str:
+                    v: str = raw
+                elif t is int or t is bool:
+                    v = norm_target(raw)
+                else:
+                    extra[1] += cnt
+                    continue
+                hist[c.index.get(v, k)] += cnt
+                if c.allowed is not None and v not in c.allowed:
+                    extra[2] += cnt
+        lat, _, _ = _to_numeric([e.latency_ms for e in evs])
+        lat = lat[np.isfinite(lat)]
+        if lat.shape[0]:
+            self.lat[0] += numeric_bin_counts(LATENCY_EDGES_MS, lat)[0]
+            self.lat[1] += int(lat.shape[0])
+            self.lat[2] += float(lat.sum())
+        costs = [e.cost_usd for e in evs if e.cost_usd is not None]
+        if costs:
+            self.cost[0] += len(costs)
+            self.cost[1] += float(np.sum(costs))
+        llms = [e.llm for e in evs if e.llm is not None]
+        if llms:
+            lm = self.llm
+            lm[0] += len(llms)
+            for info in llms:
+                lm[1] += info.input_tokens or 0
+                lm[2] += info.output_tokens or 0
+                lm[3] += info.retrieval_hits or 0
+                if info.flags:
+                    flags: Counter[str] = lm[4]
+                    for name, on in info.flags.items():
+                        if on and (name in flags or len(flags) < MAX_LLM_FLAGS):
+                            flags[name] += 1
+
+    def add_pair(self, pair: JoinedPair, positive: str, task: str) -> None:
+        self.joined[0] += 1
+        if task != "regression" and pair.prediction != pair.label:
+            self.joined[1] += 1
+        sc = pair.score
+        if sc is not None and 0.0 <= sc <= 1.0:
+            b = min(int(sc * CALIB_BINS), CALIB_BINS - 1)
+            self.calib[0, b] += 1
+            self.calib[1, b] += pair.label == positive
+            self.calib[2, b] += sc
+
+    # ----------------------------------------------------------------- (de)serialisation
+
+    def to_doc(self) -> dict[str, Any]:
+        sc = self.score
+        doc: dict[str, Any] = {
+            "n": self.n,
+            "score": {"counts": sc[0].tolist(), "n": sc[1], "sum": sc[2], "sumsq": sc[3]},
+            "joined": {
+                "n": self.joined[0],
+                "errors": self.joined[1],
+                "calib_n": self.calib[0].astype(np.int64).tolist(),
+                "calib_pos": self.calib[1].astype(np.int64).tolist(),
+                "calib_score": self.calib[2].tolist(),
+            },
+        }
+        if not self.full:
+            return doc
+        feats: dict[str, Any] = {}
+        for name, (hist, a) in self.num.items():
+            feats[name] = {
+                "type": "numeric",
+                "counts": hist.tolist(),
+                "n": int(a[_N]),
+                "sum": float(a[_SUM]),
+                "sumsq": float(a[_SQ]),
+                "min": float(a[_MIN]) if a[_N] else None,
+                "max": float(a[_MAX]) if a[_N] else None,
+                "missing": int(a[_MISS]),
+                "nan": int(a[_NAN]),
+                "out_of_range": int(a[_OOR]),
+                "wrong_type": int(a[_WT]),
+            }
+        for name, (hist, extra) in self.cat.items():
+            feats[name] = {
+                "type": "categorical",
+                "counts": hist.tolist(),
+                "missing": extra[0],
+                "wrong_type": extra[1],
+                "not_allowed": extra[2],
+            }
+        doc["features"] = feats
+        doc["unexpected_features"] = self.unexpected
+        doc["latency"] = {"counts": self.lat[0].tolist(), "n": self.lat[1], "sum": self.lat[2]}
+        doc["cost"] = {"n": self.cost[0], "sum": self.cost[1]}
+        lm = self.llm
+        doc["llm"] = {
+            "n": lm[0],
+            "input_tokens": lm[1],
+            "output_tokens": lm[2],
+            "retrieval_hits": lm[3],
+            "flags": dict(sorted(lm[4].items())),
+        }
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], plan: ModelPlan) -> GroupAcc:
+        acc = cls(plan, "features" in doc)
+        acc.n = int(doc["n"])
+        s = doc["score"]
+        acc.score = [np.asarray(s["counts"], np.int64), s["n"], s["sum"], s["sumsq"]]
+        j = doc["joined"]
+        acc.joined = [j["n"], j["errors"]]
+        acc.calib = np.array([j["calib_n"], j["calib_pos"], j["calib_score"]], np.float64)
+        if not acc.full:
+            return acc
+        for name, f in doc["features"].items():
+            if f["type"] == "numeric":
+                acc.num[name] = [
+                    np.asarray(f["counts"], np.int64),
+                    np.array(
+                        [
+                            f["n"],
+                            f["sum"],
+                            f["sumsq"],
+                            np.inf if f["min"] is None else f["min"],
+                            -np.inf if f["max"] is None else f["max"],
+                            f["missing"],
+                            f["nan"],
+                            f["out_of_range"],
+                            f["wrong_type"],
+                        ],
+                        np.float64,
+                    ),
+                ]
+            else:
+                acc.cat[name] = [
+                    np.asarray(f["counts"], np.int64),
+                    [f["missing"], f["wrong_type"], f["not_allowed"]],
+                ]
+        lat = doc["latency"]
+        acc.lat = [np.asarray(lat["counts"], np.int64), lat["n"], lat["sum"]]
+        acc.cost = [doc["cost"]["n"], doc["cost"]["sum"]]
+        acc.unexpected = int(doc.get("unexpected_features", 0))
+        lm = doc["llm"]
+        acc.llm = [
+            lm["n"],
+            lm["input_tokens"],
+            lm["output_tokens"],
+            lm["retrieval_hits"],
+            Counter(lm["flags"]),
+        ]
+        return acc
+
+
+def _num_or_none(v: object) -> float | None:
+    t = type(v)
+    if t is float or t is int:
+        return v  # type: ignore[return-value]
+    return None
+
+
+class ModelTickAcc:
+    """All groups of one model in one tick, plus model-level label counters."""
+
+    __slots__ = ("groups", "label_counts", "label_n", "label_pos", "late", "outcomes")
+
+    def __init__(self, plan: ModelPlan) -> None:
+        self.groups: dict[tuple[str, str], GroupAcc] = {}
+        self.label_counts = np.zeros(len(plan.label_categories) + 1, np.int64)
+        self.label_n = 0
+        self.label_pos = 0
+        self.late = 0
+        self.outcomes: Counter[str] = Counter()
+
+    def group(self, version: str, slice_key: str, plan: ModelPlan) -> GroupAcc:
+        g = self.groups.get((version, slice_key))
+        if g is None:
+            g = self.groups[(version, slice_key)] = GroupAcc(plan, slice_key == "*")
+        return g
+
+    def add_label(self, norm_label: str, plan: ModelPlan) -> None:
+        self.label_n += 1
+        self.label_counts[plan.label_index.get(norm_label, len(plan.label_categories))] += 1
+        if norm_label == plan.model.positive_label:
+            self.label_pos += 1
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "late": self.late,
+            "labels": {
+                "n": self.label_n,
+                "counts": self.label_counts.tolist(),
+                "positives": self.label_pos,
+                "outcomes": dict(sorted(self.outcomes.items())),
+            },
+            "groups": [
+                {"version": v, "slice": s, **g.to_doc()}
+                for (v, s), g in sorted(self.groups.items())
+            ],
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], plan: ModelPlan) -> ModelTickAcc:
+        acc = cls(plan)
+        acc.late = int(doc["late"])
+        lab = doc["labels"]
+        acc.label_n = int(lab["n"])
+        acc.label_counts = np.asarray(lab["counts"], np.int64)
+        acc.label_pos = int(lab["positives"])
+        acc.outcomes = Counter(lab["outcomes"])
+        for g in doc["groups"]:
+            acc.groups[(g["version"], g["slice"])] = GroupAcc.from_doc(g, plan)
+        return acc

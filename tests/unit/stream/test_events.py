@@ -1,0 +1,204 @@
+"""Decoder: every bad input is rejected with the right reason and decoding continues."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+import fastjsonschema
+import orjson
+import pytest
+
+from stream.events import (
+    REASONS,
+    Decoder,
+    Label,
+    Prediction,
+    RawMessage,
+    deadletter_record,
+    load_schema,
+)
+
+NOW = 1_700_000_000.0
+
+
+def pred(i: int = 0, **over: Any) -> dict[str, Any]:
+    ev: dict[str, Any] = {
+        "event_id": f"e{i}",
+        "model_id": "fraud",
+        "model_version": "v1",
+        "request_id": f"r{i}",
+        "ts": NOW - 10,
+        "features": {"amount": 12.5, "country": "DE"},
+        "prediction": 1,
+        "score": 0.7,
+    }
+    ev.update(over)
+    return ev
+
+
+def dec(kind: str = "prediction") -> Decoder:
+    return Decoder(kind, frozenset({"fraud", "churn"}))  # type: ignore[arg-type]
+
+
+def one_reject(raw: bytes, kind: str = "prediction") -> tuple[str, str]:
+    ok, bad = dec(kind).decode(raw, NOW)
+    assert ok == [] and len(bad) == 1, (ok, bad)
+    return bad[0].reason, bad[0].message
+
+
+def test_valid_prediction_and_label_decode_to_typed_records() -> None:
+    ok, bad = dec().decode(orjson.dumps(pred(latency_ms=3, slice={"region": "eu"})), NOW)
+    assert bad == []
+    (p,) = ok
+    assert isinstance(p, Prediction)
+    assert (p.model_id, p.model_version, p.request_id, p.score, p.latency_ms) == (
+        "fraud",
+        "v1",
+        "r0",
+        0.7,
+        3.0,
+    )
+    assert p.slice == {"region": "eu"}
+    ok, bad = dec("label").decode(
+        orjson.dumps(
+            {"event_id": "l1", "model_id": "fraud", "request_id": "r0", "ts": 5, "label": 1}
+        ),
+        NOW,
+    )
+    assert bad == [] and isinstance(ok[0], Label) and ok[0].label == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "field"),
+    [
+        (b"{not json", "not_json", "message"),
+        (b"\xff\xfe garbage", "not_json", "message"),
+        (b'"a string"', "not_object", "event"),
+        (b"42", "not_object", "event"),
+        (
+            orjson.dumps({k: v for k, v in pred().items() if k != "model_id"}),
+            "missing_model_id",
+            "model_id",
+        ),
+        (orjson.dumps(pred(model_id="spam")), "unknown_model", "model_id"),
+        (orjson.dumps(pred(model_id="bad id{x}")), "schema:model_id", "model_id"),
+        (orjson.dumps(pred(ts="yesterday")), "schema:ts", "ts"),
+        (orjson.dumps(pred(ts=NOW + 365 * 86400)), "future_timestamp", "ts"),
+        (orjson.dumps(pred(features=[1, 2])), "schema:features", "features"),
+        (orjson.dumps(pred(features={"amount": {"nested": 1}})), "schema:features", "amount"),
+        (orjson.dumps(pred(score="high")), "schema:score", "score"),
+        (orjson.dumps(pred(latency_ms=-1)), "schema:latency_ms", "latency_ms"),
+        (orjson.dumps(pred(cost_usd=True)), "schema:cost_usd", "cost_usd"),
+        (orjson.dumps(pred(llm={"input_tokens": 1.5})), "schema:llm", "input_tokens"),
+        (orjson.dumps(pred(colour="red")), "schema:unexpected_field", "colour"),
+        (
+            orjson.dumps({k: v for k, v in pred().items() if k != "request_id"}),
+            "schema:request_id",
+            "request_id",
+        ),
+        (json.dumps(pred(score=float("nan"))).encode(), "non_finite", "score"),
+        (json.dumps(pred(ts=float("inf"))).encode(), "non_finite", "ts"),
+        (json.dumps(pred(prediction=float("-inf"))).encode(), "non_finite", "prediction"),
+        (
+            b'{"event_id":"e","model_id":"fraud","model_version":"v","request_id":"r","ts":1e999,'
+            b'"features":{},"prediction":1}',
+            "non_finite",
+            "ts",
+        ),
+    ],
+)
+def test_bad_prediction_rejected_with_reason_naming_field(
+    raw: bytes, reason: str, field: str
+) -> None:
+    got_reason, message = one_reject(raw)
+    assert got_reason == reason
+    assert got_reason in REASONS
+    assert field in message
+
+
+def test_nan_inside_features_is_data_not_a_reject() -> None:
+    ok, bad = dec().decode(json.dumps(pred(features={"amount": float("nan")})).encode(), NOW)
+    (p,) = ok
+    assert bad == [] and isinstance(p, Prediction) and math.isnan(p.features["amount"])
+
+
+def test_too_large_message_rejected_before_parsing() -> None:
+    big = orjson.dumps(pred(features={"blob": "x" * (5 * 1024 * 1024)}))
+    reason, message = one_reject(big)
+    assert reason == "too_large" and str(len(big)) in message
+
+
+def test_array_message_rejects_bad_elements_and_keeps_good_ones() -> None:
+    raw = orjson.dumps([pred(1), "nope", pred(2, model_id="spam"), pred(3), {"model_id": "fraud"}])
+    ok, bad = dec().decode(raw, NOW)
+    assert [p.event_id for p in ok] == ["e1", "e3"]
+    assert [(r.position, r.reason) for r in bad] == [
+        (1, "not_object"),
+        (2, "unknown_model"),
+        (4, "schema:event_id"),
+    ]
+
+
+def test_duplicate_event_ids_within_and_across_messages() -> None:
+    d = dec()
+    ok, bad = d.decode(orjson.dumps([pred(1), pred(1), pred(2)]), NOW)
+    assert len(ok) == 2 and [r.reason for r in bad] == ["duplicate_event_id"]
+    ok, bad = d.decode(orjson.dumps(pred(2)), NOW)
+    assert ok == [] and bad[0].reason == "duplicate_event_id" and "e2" in bad[0].message
+    # same event id for another model is not a duplicate
+    ok, bad = d.decode(orjson.dumps(pred(2, model_id="churn")), NOW)
+    assert len(ok) == 1 and bad == []
+
+
+def test_decoding_continues_after_every_kind_of_bad_input() -> None:
+    d = dec()
+    stream = [
+        b"{oops",
+        b"[1,2",
+        orjson.dumps(pred(100, model_id="spam")),
+        b"x" * (2 << 20),
+        json.dumps(pred(101, score=float("nan"))).encode(),
+        orjson.dumps(pred(102, ts=NOW + 400 * 86400)),
+        orjson.dumps(pred(103)),
+        orjson.dumps(pred(103)),
+        orjson.dumps(pred(104)),
+    ]
+    accepted: list[str] = []
+    reasons: list[str] = []
+    for raw in stream:
+        ok, bad = d.decode(raw, NOW)
+        accepted += [p.event_id for p in ok]
+        reasons += [r.reason for r in bad]
+    assert accepted == ["e103", "e104"]
+    assert reasons == [
+        "not_json",
+        "not_json",
+        "unknown_model",
+        "too_large",
+        "non_finite",
+        "future_timestamp",
+        "duplicate_event_id",
+    ]
+
+
+def test_label_rejects() -> None:
+    good = {"event_id": "l1", "model_id": "fraud", "request_id": "r", "ts": 1, "label": 0}
+    assert one_reject(orjson.dumps({**good, "label": None}), "label")[0] == "schema:label"
+    assert one_reject(orjson.dumps({**good, "model_id": "x"}), "label")[0] == "unknown_model"
+    assert one_reject(orjson.dumps({**good, "model_version": "v1"}), "label")[0] == (
+        "schema:unexpected_field"
+    )
+
+
+def test_deadletter_record_matches_schema_and_keeps_exact_bytes() -> None:
+    validate = fastjsonschema.compile(load_schema("deadletter"))
+    raw = b"\xff\x00 not json" + b"z" * 10_000
+    _, bad = dec().decode(raw, NOW)
+    rec = deadletter_record(bad[0], RawMessage("driftline.predictions", 3, 77, raw), raw_limit=64)
+    validate(rec)
+    assert base64.b64decode(rec["raw_b64"]) == raw[:64]
+    assert rec["raw_truncated"] is True and rec["size"] == len(raw)
+    assert rec["deadletter_id"] == "driftline.predictions:3:77:-1"
