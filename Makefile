@@ -38,10 +38,11 @@ lint: $(STAMP)
 system-deps:
 	bash scripts/install-system-deps.sh
 
-## Regenerate the pinned lock from pyproject (run after changing dependencies).
+## Re-pin after changing dependencies: existing pins are kept, new packages get pinned.
+## (`make lock UPGRADE=1` re-resolves everything to the newest versions.)
 lock:
 	rm -rf .cache/lockvenv && $(PYTHON) -m venv .cache/lockvenv
-	.cache/lockvenv/bin/pip install -q -e '.[dev]'
+	.cache/lockvenv/bin/pip install -q $(if $(UPGRADE),,-c $(CONSTRAINTS)) -e '.[dev]'
 	.cache/lockvenv/bin/pip freeze --exclude-editable | grep -v '^-e' > $(CONSTRAINTS)
 
 bench: $(STAMP)
