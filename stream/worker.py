@@ -1,0 +1,1094 @@
+"""The driftline worker: stage 1 and stage 2 over Kafka, state and offsets in Redis.
+
+This is the Kafka + Redis twin of :class:`stream.embedded.EmbeddedRunner`: the same pure
+engine (:class:`~stream.engine.Ingest`, :class:`~stream.detect.Detect`) and the same
+consistency protocol (claim → process → ONE atomic commit of state + next offsets +
+outbox + join ops → publish → ack), with the I/O around it.
+
+Why aiokafka consumers and not faust agents
+-------------------------------------------
+Offsets live in Redis, written atomically with the state; Kafka's committed offsets are
+informational only (they are committed for lag dashboards and autoscaling, never read).
+That needs *seek on assignment*, which faust-streaming 0.15 does not support reliably:
+after a rebalance its Recovery service and its Fetcher call ``Consumer.perform_seek()``,
+which seeks every partition back to the offsets committed *in Kafka*
+(``faust/transport/consumer.py``: "getmany called while flow not active. Seek back to
+committed offsets"; faust-streaming#216: recovery resumes before seeking; #461: storing
+offsets in an external database is an open question with no supported answer), so a seek
+done in ``on_partitions_assigned`` is silently overridden. Add the open bookkeeping bugs
+in FIELD-NOTES (#606, #596, #502, #629, #316) and faust's fixed per-message cost (10–13k
+messages/s against ~300k/s for a raw ``getmany`` loop), and the robust choice is what
+Kafka's own documentation prescribes for external offsets: a plain aiokafka consumer per
+stage with a :class:`~aiokafka.abc.ConsumerRebalanceListener` that claims each assigned
+partition in Redis (fencing), restores the engine and seeks to the stored offsets.
+
+What the FIELD-NOTES ask of faust still holds here: one batch at a time per stage
+(concurrency 1), static group membership (``group_instance_id``), ``RangePartitionAssignor``
+so that predictions-p and labels-p (co-partitioned by ``request_id``) go to the same worker,
+and our own HTTP endpoints bound to the configured address (``/healthz``, ``/readyz``,
+``/metrics``) instead of faust's web server.
+
+Per stage-1 batch (records from ``getmany`` gathered for up to ``batch_within_s`` or
+``batch_size`` records, like faust's ``stream.take``)::
+
+    for each owned partition p: out = ingest[p].process_raw(messages, now)
+    results = gather(store.commit(p, ...))        # one Redis round trip per partition
+    ingest[p].absorb(result)
+    publish every outbox message, wait for the broker's acks, then store.ack_outbox(...)
+
+Records below the partition's stored next offset are dropped (a batch fetched before a
+rebalance may be handed over after the partition was re-claimed), so nothing is counted
+twice whatever the rebalance timing.
+
+Failures: a commit raising :class:`~stream.store.Fenced` means another worker owns the
+partition — it is paused and dropped, with an error log naming it. Redis connection errors
+are retried with backoff inside :class:`~stream.redis_store.RedisStore` (the worker stalls,
+it does not crash-loop). Any other commit error re-claims the partition from Redis, so the
+in-memory engine never runs ahead of the durable state. Kafka publish errors are retried
+with backoff; the messages are safe in the Redis outbox meanwhile.
+
+Manual kill-switch operations (``driftline killswitch release``) are messages on the
+summaries topic keyed by model id, so they reach the stage-2 partition that owns the model
+and are applied exactly once, in order with the summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+
+from stream.config import MonitorConfig, ServiceSettings, Topics, load_config
+from stream.detect import Detect, DetectOutput
+from stream.engine import Ingest, compile_plans
+from stream.events import RawMessage
+from stream.profile import Profile, profile_for
+from stream.redis_store import RedisStore
+from stream.store import Fenced, JoinResult, OutMessage, StateStore
+from stream.summary import ModelPlan
+
+log = logging.getLogger("driftline.worker")
+
+MANUAL_PREFIX: Final = b'{"driftline_manual":1,'
+"""Stage-2 input messages starting with this are manual kill-switch requests."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Worker knobs that are not (yet) in :class:`ServiceSettings`."""
+
+    group_prefix: str = "driftline"
+    instance_id: str | None = None  # static membership; None = dynamic
+    redis_prefix: str = "dl"
+    start_from: str = "earliest"  # where a never-checkpointed partition starts
+    stages: tuple[str, ...] = ("ingest", "detect")
+    idle_check_s: float = 0.25
+    kafka_commit_interval_s: float = 5.0
+    commit_kafka_offsets: bool = True  # informational mirror of the Redis offsets
+    max_future_s: float = 300.0
+    max_message_bytes: int = 1 << 20
+    session_timeout_ms: int = 30_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerOptions:
+        """``DRIFTLINE_GROUP_PREFIX``, ``DRIFTLINE_INSTANCE_ID`` (else ``POD_NAME``),
+        ``DRIFTLINE_REDIS_PREFIX``, ``DRIFTLINE_START_FROM`` (earliest | latest)."""
+        e = os.environ if env is None else env
+        start = e.get("DRIFTLINE_START_FROM") or "earliest"
+        if start not in ("earliest", "latest"):
+            raise ValueError(
+                f"DRIFTLINE_START_FROM: {start!r} is not valid; valid values: earliest, latest"
+            )
+        return cls(
+            group_prefix=e.get("DRIFTLINE_GROUP_PREFIX") or "driftline",
+            instance_id=e.get("DRIFTLINE_INSTANCE_ID") or e.get("POD_NAME") or None,
+            redis_prefix=e.get("DRIFTLINE_REDIS_PREFIX") or "dl",
+            start_from=start,
+        )
+
+
+def kafka_client_kwargs(settings: ServiceSettings) -> dict[str, Any]:
+    """aiokafka security settings (SASL / TLS) from the service settings."""
+    kw: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kw["ssl_context"] = create_ssl_context(
+            cafile=settings.ssl_cafile,
+            certfile=settings.ssl_certfile,
+            keyfile=settings.ssl_keyfile,
+        )
+    if settings.sasl_mechanism is not None:
+        kw["sasl_mechanism"] = settings.sasl_mechanism
+        kw["sasl_plain_username"] = settings.sasl_username
+        kw["sasl_plain_password"] = settings.sasl_password
+    return kw
+
+
+@dataclass
+class WorkerStats:
+    """Counters for tests and the placeholder metrics endpoint."""
+
+    counters: Counter[str] = field(default_factory=Counter)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+class Publisher:
+    """Sends outbox messages and waits for the broker's acks (retrying until they land)."""
+
+    def __init__(self, producer: AIOKafkaProducer, backoff_s: tuple[float, float] = (0.1, 5.0)):
+        self.producer = producer
+        self.backoff_s = backoff_s
+
+    async def publish(self, msgs: Sequence[OutMessage]) -> None:
+        if not msgs:
+            return
+        delay, cap = self.backoff_s
+        while True:
+            try:
+                futs = [await self.producer.send(m.topic, value=m.value, key=m.key) for m in msgs]
+                await asyncio.gather(*futs)
+                return
+            except KafkaError as err:
+                log.warning(
+                    "publish of %d messages failed (%s); retry in %.1f s", len(msgs), err, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(cap, delay * 2)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, stage: StageRunner) -> None:
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.stage.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.stage.on_assigned(set(assigned))
+
+
+class StageRunner:
+    """One stage's consumer loop; subclasses hold the per-partition engines."""
+
+    stage: str = ""
+
+    def __init__(
+        self,
+        worker: Worker,
+        topics: Sequence[str],
+        group_id: str,
+    ) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self.opts = worker.opts
+        self.store: StateStore = worker.store
+        self.stats = worker.stats
+        self.input_topics = list(topics)
+        self.group_id = group_id
+        self.lock = asyncio.Lock()
+        self.generation: dict[int, int] = {}
+        self.fenced: set[int] = set()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.assigned_once = asyncio.Event()
+        self._checkpointed: dict[TopicPartition, int] = {}
+        self.seeks: dict[TopicPartition, int] = {}  # last seek per partition (observability)
+        self._last_kafka_commit = 0.0
+        self._kafka_committed: dict[TopicPartition, int] = {}
+        self.owner = worker.owner
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        instance = self.opts.instance_id
+        self.consumer = AIOKafkaConsumer(
+            group_id=self.group_id,
+            group_instance_id=f"{instance}-{self.stage}" if instance else None,
+            enable_auto_commit=False,
+            auto_offset_reset=self.opts.start_from,
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=self.opts.session_timeout_ms,
+            max_partition_fetch_bytes=max(1 << 20, self.opts.max_message_bytes + 4096),
+            fetch_max_bytes=max(50 << 20, self.opts.max_message_bytes + 4096),
+            client_id=f"{self.owner}-{self.stage}",
+            **kafka_client_kwargs(self.settings),
+        )
+        await self.consumer.start()
+        self.consumer.subscribe(self.input_topics, listener=_Listener(self))
+        self.task = asyncio.create_task(self._run(), name=f"driftline-{self.stage}")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._commit_kafka_offsets()
+            await self.consumer.stop()
+
+    # ----------------------------------------------------------------- rebalance
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.lock:
+            for p in sorted({tp.partition for tp in revoked}):
+                self._drop(p)
+            log.info(
+                "%s: revoked partitions %s", self.stage, sorted({tp.partition for tp in revoked})
+            )
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self.lock:
+            parts = sorted({tp.partition for tp in assigned})
+            for p in parts:
+                try:
+                    await self._claim(p)
+                except Exception as err:  # e.g. a state this version cannot load
+                    log.critical(
+                        "%s/%d: cannot take over the partition (%s: %s); it stays paused "
+                        "until the next rebalance — fix the cause and restart the worker",
+                        self.stage,
+                        p,
+                        type(err).__name__,
+                        err,
+                    )
+                    self.stats.inc(f"{self.stage}_claim_errors")
+                    self._drop(p)
+                    self.fenced.add(p)
+                    tps = [TopicPartition(t, p) for t in self.input_topics]
+                    assert self.consumer is not None
+                    with contextlib.suppress(Exception):
+                        self.consumer.pause(*[tp for tp in tps if tp in self.consumer.assignment()])
+            log.info(
+                "%s: claimed partitions %s (generations %s)",
+                self.stage,
+                parts,
+                [self.generation.get(p) for p in parts],
+            )
+            self.assigned_once.set()
+
+    async def _claim(self, p: int) -> None:
+        assert self.consumer is not None
+        claim = await self.store.claim(self.stage, p, self.owner)
+        self.generation[p] = claim.generation
+        self.fenced.discard(p)
+        offsets = self._restore(p, claim.state, claim.inbox)
+        stored = claim.next_offset or {}
+        for topic in self.input_topics:
+            tp = TopicPartition(topic, p)
+            if tp not in self.consumer.assignment():
+                continue
+            off = offsets.get(topic, stored.get(topic))
+            if off is not None:
+                self.consumer.seek(tp, int(off))
+                self._checkpointed[tp] = int(off)
+                self.seeks[tp] = int(off)
+            elif self.opts.start_from == "latest":
+                await self.consumer.seek_to_end(tp)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+        with contextlib.suppress(Exception):
+            self.consumer.resume(
+                *[
+                    TopicPartition(t, p)
+                    for t in self.input_topics
+                    if TopicPartition(t, p) in self.consumer.assignment()
+                ]
+            )
+        if claim.outbox:
+            log.info(
+                "%s/%d: republishing %d outbox messages left by the previous owner (%s)",
+                self.stage,
+                p,
+                len(claim.outbox),
+                dict(Counter(m.topic for m in claim.outbox)),
+            )
+            await self.worker.publisher.publish(claim.outbox)
+            await self.store.ack_outbox(
+                self.stage, p, claim.generation, [m.id for m in claim.outbox]
+            )
+            self.stats.inc(f"{self.stage}_republished", len(claim.outbox))
+
+    def _fence(self, p: int, err: Exception) -> None:
+        log.error(
+            "%s/%d: FENCED — another worker claimed this partition; stopping its "
+            "processing here (%s)",
+            self.stage,
+            p,
+            err,
+        )
+        self.stats.inc(f"{self.stage}_fenced")
+        self._drop(p)
+        self.fenced.add(p)
+        if self.consumer is not None:
+            tps = [TopicPartition(t, p) for t in self.input_topics]
+            with contextlib.suppress(Exception):
+                self.consumer.pause(*[tp for tp in tps if tp in self.consumer.assignment()])
+
+    async def _recover(self, p: int, err: Exception) -> None:
+        """A commit failed for another reason: reload the partition from Redis."""
+        log.exception("%s/%d: commit failed (%s); re-claiming from Redis", self.stage, p, err)
+        self.stats.inc(f"{self.stage}_recoveries")
+        await asyncio.sleep(1.0)
+        self._drop(p)
+        await self._claim(p)
+
+    # ----------------------------------------------------------------- loop
+
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        size = self.settings.batch_size
+        within = self.settings.batch_within_s
+        while True:
+            try:
+                records = await self._take(consumer, size, within)
+                async with self.lock:
+                    if records:
+                        await self.process(records)
+                    await self.on_idle()
+                # outside the lock: a Kafka commit must never wait on a rebalance callback
+                await self._maybe_commit_kafka()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad batch kill the worker
+                log.exception("%s: batch failed; continuing", self.stage)
+                self.stats.inc(f"{self.stage}_batch_errors")
+                await asyncio.sleep(1.0)
+
+    async def _take(
+        self, consumer: AIOKafkaConsumer, size: int, within: float
+    ) -> dict[TopicPartition, list[Any]]:
+        """Up to ``size`` records gathered for at most ``within`` seconds (faust's take)."""
+        first_wait = int(max(self.opts.idle_check_s, 0.01) * 1000)
+        got: dict[TopicPartition, list[Any]] = await consumer.getmany(
+            timeout_ms=first_wait, max_records=size
+        )
+        n = sum(len(v) for v in got.values())
+        if not n:
+            return got
+        deadline = time.monotonic() + within
+        while n < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = await consumer.getmany(timeout_ms=int(left * 1000), max_records=size - n)
+            for tp, recs in more.items():
+                got.setdefault(tp, []).extend(recs)
+                n += len(recs)
+        return got
+
+    def _fresh(self, tp: TopicPartition, recs: list[Any], expected: int) -> list[Any]:
+        """Records at or after the partition's next offset, each offset once, in order.
+
+        A rebalance or a seek can happen between two ``getmany`` calls of one batch (the
+        first assignment seeks to the beginning while the fetcher may already have
+        returned records from there), so a batch may hold an offset range twice.
+        """
+        kept: list[Any] = []
+        nxt = expected
+        for r in recs:
+            if r.offset >= nxt:
+                kept.append(r)
+                nxt = r.offset + 1
+        if len(kept) != len(recs):
+            self.stats.inc(f"{self.stage}_stale_records_dropped", len(recs) - len(kept))
+        return kept
+
+    # ----------------------------------------------------------------- kafka offsets (info)
+
+    async def _maybe_commit_kafka(self) -> None:
+        now = time.monotonic()
+        if now - self._last_kafka_commit < self.opts.kafka_commit_interval_s:
+            return
+        self._last_kafka_commit = now
+        await self._commit_kafka_offsets()
+
+    async def _commit_kafka_offsets(self) -> None:
+        """Mirror the Redis checkpoints into Kafka for lag monitoring (never read back)."""
+        if self.consumer is None or not self.opts.commit_kafka_offsets:
+            return
+        owned = self.consumer.assignment()
+        offsets = {
+            tp: off
+            for tp, off in self._checkpointed.items()
+            if tp in owned and self._kafka_committed.get(tp) != off
+        }
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+            self._kafka_committed.update(offsets)
+        except KafkaError as err:  # informational only
+            log.debug("%s: kafka offset commit skipped (%s)", self.stage, err)
+
+    # ----------------------------------------------------------------- subclass API
+
+    def owned(self) -> set[int]:
+        """Partitions this stage currently processes (claimed, not fenced)."""
+        raise NotImplementedError
+
+    def _drop(self, p: int) -> None:
+        raise NotImplementedError
+
+    def _restore(self, p: int, state: bytes | None, inbox: JoinResult) -> dict[str, int]:
+        raise NotImplementedError
+
+    async def process(self, records: Mapping[TopicPartition, list[Any]]) -> None:
+        raise NotImplementedError
+
+    async def on_idle(self) -> None:
+        return None
+
+
+class IngestRunner(StageRunner):
+    """Stage 1: predictions + labels (co-partitioned) → tick summaries, dead letters."""
+
+    stage = "ingest"
+
+    def __init__(self, worker: Worker) -> None:
+        t = worker.topics
+        super().__init__(worker, [t.predictions, t.labels], f"{worker.opts.group_prefix}-ingest")
+        self.engines: dict[int, Ingest] = {}
+        self._base: dict[int, tuple[float, float]] = {}  # p -> (watermark, monotonic)
+        self._last_idle = 0.0
+
+    def _new_engine(self, p: int) -> Ingest:
+        w = self.worker
+        return Ingest(
+            w.config,
+            w.plans,
+            p,
+            topics=w.topics,
+            tick_s=self.settings.tick_s,
+            lateness_s=self.settings.allowed_lateness_s,
+            max_future_s=self.opts.max_future_s,
+            max_message_bytes=self.opts.max_message_bytes,
+        )
+
+    def owned(self) -> set[int]:
+        return set(self.engines)
+
+    def _drop(self, p: int) -> None:
+        self.engines.pop(p, None)
+        self.generation.pop(p, None)
+        self._base.pop(p, None)
+
+    def _restore(self, p: int, state: bytes | None, inbox: JoinResult) -> dict[str, int]:
+        eng = self._new_engine(p)
+        eng.restore(state, inbox)
+        self.engines[p] = eng
+        if eng.watermark != float("-inf"):
+            self._base[p] = (eng.watermark, time.monotonic())
+        return dict(eng.next_offset)
+
+    async def process(self, records: Mapping[TopicPartition, list[Any]]) -> None:
+        by_p: dict[int, list[list[tuple[int, RawMessage]]]] = {}
+        for tp, recs in records.items():
+            eng = self.engines.get(tp.partition)
+            if eng is None:
+                continue  # revoked or fenced meanwhile
+            fresh = self._fresh(tp, recs, eng.next_offset.get(tp.topic, 0))
+            if fresh:
+                by_p.setdefault(tp.partition, []).append(
+                    [
+                        (r.timestamp, RawMessage(tp.topic, tp.partition, r.offset, r.value or b""))
+                        for r in fresh
+                    ]
+                )
+        if not by_p:
+            return
+        now = self.worker.clock()
+        outs = {}
+        for p, lists in by_p.items():
+            msgs = _arrival_order(lists)
+            eng = self.engines[p]
+            outs[p] = eng.process_raw(msgs, now)
+            self.stats.inc("events_accepted", outs[p].accepted)
+            self.stats.inc("events_rejected", sum(outs[p].rejected.values()))
+            self.stats.inc("messages_in", len(msgs))
+        await self._commit_publish(outs)
+        for p in outs:
+            eng = self.engines.get(p)
+            if eng is not None and eng.watermark != float("-inf"):
+                self._base[p] = (eng.watermark, time.monotonic())
+
+    async def _commit_publish(self, outs: Mapping[int, Any]) -> None:
+        parts = list(outs)
+        results = await asyncio.gather(
+            *[
+                self.store.commit(
+                    "ingest",
+                    p,
+                    self.generation[p],
+                    state=self.engines[p].snapshot(),
+                    next_offset=outs[p].next_offset,
+                    outbox=outs[p].messages,
+                    join_ops=outs[p].join_ops,
+                )
+                for p in parts
+            ],
+            return_exceptions=True,
+        )
+        published: list[tuple[int, list[OutMessage]]] = []
+        for p, res in zip(parts, results, strict=True):
+            if isinstance(res, Fenced):
+                self._fence(p, res)
+                continue
+            if isinstance(res, BaseException):
+                await self._recover(p, res)  # type: ignore[arg-type]
+                continue
+            self.engines[p].absorb(res)
+            self.stats.inc("commits")
+            self.stats.inc("pairs_joined", len(res.pairs))
+            for topic, off in outs[p].next_offset.items():
+                self._checkpointed[TopicPartition(topic, p)] = off
+            if outs[p].messages:
+                published.append((p, outs[p].messages))
+        all_msgs = [m for _, msgs in published for m in msgs]
+        await self.worker.publisher.publish(all_msgs)
+        for m in all_msgs:
+            self.stats.inc(f"published:{m.topic}")
+        await asyncio.gather(*[self._ack(p, msgs) for p, msgs in published])
+
+    async def _ack(self, p: int, msgs: Sequence[OutMessage]) -> None:
+        gen = self.generation.get(p)
+        if gen is None:
+            return
+        try:
+            await self.store.ack_outbox(self.stage, p, gen, [m.id for m in msgs])
+        except Fenced as err:
+            self._fence(p, err)
+
+    async def on_idle(self) -> None:
+        """Idle flush: advance an idle partition's event time by the wall time elapsed."""
+        now_m = time.monotonic()
+        if now_m - self._last_idle < self.opts.idle_check_s:
+            return
+        self._last_idle = now_m
+        tick = self.settings.tick_s
+        outs = {}
+        for p, eng in self.engines.items():
+            base = self._base.get(p)
+            if base is None or now_m - base[1] < tick:
+                continue
+            target = base[0] + (now_m - base[1])
+            out = eng.flush(target)
+            if out.messages:
+                outs[p] = out
+        if outs:
+            self.stats.inc("idle_flushes", len(outs))
+            await self._commit_publish(outs)
+
+
+def _arrival_order(lists: Sequence[list[tuple[int, RawMessage]]]) -> list[RawMessage]:
+    """Merge the two topics' records of one partition by their Kafka timestamps.
+
+    Each topic keeps its own offset order (``heapq.merge`` never reorders an input), and
+    records of the two topics interleave by producer timestamp, i.e. arrival order.
+    """
+    if len(lists) == 1:
+        return [m for _, m in lists[0]]
+    return [m for _, m in heapq.merge(*lists, key=lambda x: x[0])]
+
+
+class DetectRunner(StageRunner):
+    """Stage 2: summaries → detectors → alerts and kill-switch commands."""
+
+    stage = "detect"
+
+    def __init__(self, worker: Worker) -> None:
+        t = worker.topics
+        super().__init__(worker, [t.summaries], f"{worker.opts.group_prefix}-detect")
+        self.engines: dict[int, Detect] = {}
+
+    def owned(self) -> set[int]:
+        return set(self.engines)
+
+    def _drop(self, p: int) -> None:
+        self.engines.pop(p, None)
+        self.generation.pop(p, None)
+
+    def _restore(self, p: int, state: bytes | None, inbox: JoinResult) -> dict[str, int]:
+        w = self.worker
+        det = Detect(w.config, w.plans, p, topics=w.topics, tick_s=self.settings.tick_s)
+        det.restore(state)
+        self.engines[p] = det
+        return dict(det.next_offset)
+
+    async def process(self, records: Mapping[TopicPartition, list[Any]]) -> None:
+        topic = self.worker.topics.summaries
+        for tp, recs in records.items():
+            det = self.engines.get(tp.partition)
+            if det is None:
+                continue
+            fresh = self._fresh(tp, recs, det.next_offset.get(topic, 0))
+            if not fresh:
+                continue
+            out = self._apply(det, fresh)
+            await self._commit_publish(tp.partition, det, out)
+
+    def _apply(self, det: Detect, recs: Sequence[Any]) -> DetectOutput:
+        """Summaries through the engine; manual requests in order between them."""
+        topic = self.worker.topics.summaries
+        total = DetectOutput()
+        segment: list[tuple[int, bytes]] = []
+
+        def run_segment() -> None:
+            if segment:
+                _merge(total, det.process_raw(list(segment)))
+                self.stats.inc("summaries_in", len(segment))
+                segment.clear()
+
+        for r in recs:
+            value: bytes = r.value or b""
+            if value.startswith(MANUAL_PREFIX):
+                run_segment()
+                det.next_offset[topic] = max(det.next_offset.get(topic, 0), r.offset + 1)
+                try:
+                    req = orjson.loads(value)
+                    out = det.manual(
+                        str(req["model_id"]),
+                        str(req["action"]),
+                        float(req["issued_at"]),
+                        target_version=req.get("target_version"),
+                        reason=str(req.get("reason", "")),
+                    )
+                except (ValueError, KeyError, TypeError) as err:
+                    log.error("detect: bad manual request at offset %d: %s", r.offset, err)
+                    self.stats.inc("manual_rejected")
+                    continue
+                self.stats.inc("manual_applied")
+                _merge(total, out)
+            else:
+                segment.append((r.offset, value))
+        run_segment()
+        total.next_offset = dict(det.next_offset)
+        return total
+
+    async def _commit_publish(self, p: int, det: Detect, out: DetectOutput) -> None:
+        try:
+            await self.store.commit(
+                "detect",
+                p,
+                self.generation[p],
+                state=det.snapshot(),
+                next_offset=out.next_offset,
+                outbox=out.messages,
+                killswitch=out.killswitch,
+            )
+        except Fenced as err:
+            self._fence(p, err)
+            return
+        except Exception as err:
+            await self._recover(p, err)
+            return
+        self.stats.inc("commits")
+        for topic, off in out.next_offset.items():
+            self._checkpointed[TopicPartition(topic, p)] = off
+        self.stats.alerts.extend(out.alerts)
+        self.stats.commands.extend(out.commands)
+        self.stats.inc("alerts", len(out.alerts))
+        self.stats.inc("commands", len(out.commands))
+        for a in out.alerts:
+            log.warning(
+                "ALERT %s %s %s %s %s feature=%s slice=%s stat=%.4g",
+                a["severity"],
+                a["kind"],
+                a["model_id"],
+                a["model_version"],
+                a["detector"],
+                a.get("feature"),
+                a.get("slice"),
+                a["statistic"],
+            )
+        for c in out.commands:
+            log.warning(
+                "KILL-SWITCH %s %s target=%s mode=%s",
+                c["action"],
+                c["model_id"],
+                c.get("target_version"),
+                c["mode"],
+            )
+        if out.messages:
+            await self.worker.publisher.publish(out.messages)
+            try:
+                await self.store.ack_outbox(
+                    "detect", p, self.generation[p], [m.id for m in out.messages]
+                )
+            except Fenced as err:
+                self._fence(p, err)
+
+
+def _merge(total: DetectOutput, out: DetectOutput) -> None:
+    total.messages.extend(out.messages)
+    total.alerts.extend(out.alerts)
+    total.commands.extend(out.commands)
+    total.killswitch.update(out.killswitch)
+    total.applied += out.applied
+    total.duplicates += out.duplicates
+    total.invalid += out.invalid
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class Worker:
+    """Both stages, the producer, the Redis store and the HTTP endpoints of one process."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        settings: ServiceSettings,
+        opts: WorkerOptions | None = None,
+        *,
+        profiles: Mapping[str, Profile | None] | None = None,
+        store: StateStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.opts = opts or WorkerOptions()
+        self.topics: Topics = settings.topics
+        if profiles is None:
+            profiles = {m: profile_for(cfg) for m, cfg in config.models.items()}
+        self.plans: dict[str, ModelPlan] = compile_plans(config, profiles)
+        self._own_store = store is None
+        self.store: StateStore = store or RedisStore(
+            settings.redis_url, prefix=self.opts.redis_prefix
+        )
+        self.clock = clock
+        self.owner = (
+            f"{self.opts.instance_id or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        self.stats = WorkerStats()
+        self.producer: AIOKafkaProducer | None = None
+        self.publisher: Publisher
+        self.stages: list[StageRunner] = []
+        self._web: Any = None
+        self.started = False
+
+    async def start(self) -> None:
+        """Start the producer, both stage consumers and the HTTP endpoints."""
+        await self._check_topics()
+        if isinstance(self.store, RedisStore):
+            await self.store.ping()  # waits (with backoff) while Redis is down
+        self.producer = AIOKafkaProducer(
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=max(1 << 20, 4 * self.opts.max_message_bytes),
+            client_id=f"{self.owner}-producer",
+            **kafka_client_kwargs(self.settings),
+        )
+        await self.producer.start()
+        self.publisher = Publisher(self.producer)
+        if "ingest" in self.opts.stages:
+            self.stages.append(IngestRunner(self))
+        if "detect" in self.opts.stages:
+            self.stages.append(DetectRunner(self))
+        for s in self.stages:
+            await s.start()
+        if self.settings.web_bind:
+            await self._start_web()
+        self.started = True
+        log.info(
+            "driftline worker %s started: stages %s, settings %s",
+            self.owner,
+            [s.stage for s in self.stages],
+            self.settings.redacted(),
+        )
+
+    async def stop(self) -> None:
+        """Stop consuming (the last batch finishes), then the producer and the store."""
+        for s in self.stages:
+            await s.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self._web is not None:
+            await self._web.cleanup()
+        if self._own_store and isinstance(self.store, RedisStore):
+            await self.store.close()
+        self.started = False
+
+    async def wait_assigned(self) -> None:
+        """Wait until every stage got its first assignment (tests, readiness)."""
+        for s in self.stages:
+            await s.assigned_once.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self.started and all(s.assigned_once.is_set() for s in self.stages)
+
+    async def _check_topics(self) -> None:
+        """Every topic exists; predictions and labels have equal partition counts."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(self.settings))
+        await admin.start()
+        try:
+            t = self.topics
+            names = [t.predictions, t.labels, t.summaries, t.alerts, t.control, t.deadletter]
+            described = {d["topic"]: d for d in await admin.describe_topics(names)}
+            counts = {}
+            for name in names:
+                d = described.get(name)
+                if d is None or d.get("error_code") or not d.get("partitions"):
+                    raise ValueError(f"topic {name!r} does not exist (create it first)")
+                counts[name] = len(d["partitions"])
+            if counts[t.predictions] != counts[t.labels]:
+                raise ValueError(
+                    f"topics: {t.predictions!r} has {counts[t.predictions]} partitions and "
+                    f"{t.labels!r} has {counts[t.labels]}; they must be equal (labels join "
+                    "predictions by request_id in the same partition)"
+                )
+        finally:
+            await admin.close()
+
+    async def _start_web(self) -> None:
+        from aiohttp import web
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(
+                text="ok\n" if self.started else "stopped\n", status=200 if self.started else 503
+            )
+
+        async def readyz(_: web.Request) -> web.Response:
+            return web.Response(
+                text="ready\n" if self.ready else "not ready\n", status=200 if self.ready else 503
+            )
+
+        async def metrics(_: web.Request) -> web.Response:
+            lines = ["# placeholder: real Prometheus metrics are a later issue"]
+            for k, v in sorted(self.stats.counters.items()):
+                name = "driftline_worker_" + "".join(c if c.isalnum() else "_" for c in k)
+                lines.append(f"{name} {v}")
+            return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = self.settings.web_bind.rpartition(":")
+        site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+        await site.start()
+        self._web = runner
+        self.web_port = runner.addresses[0][1] if runner.addresses else int(port)
+
+
+# --------------------------------------------------------------------------- manual ops
+
+
+def manual_request(
+    model_id: str,
+    action: str,
+    *,
+    reason: str = "",
+    target_version: str | None = None,
+    issued_at: float | None = None,
+) -> bytes:
+    """A manual kill-switch request as stage 2 reads it from the summaries topic."""
+    valid = ("rollback", "fallback", "throttle", "release")
+    if action not in valid:
+        raise ValueError(f"action: {action!r} is not valid; valid values: {', '.join(valid)}")
+    body = orjson.dumps(
+        {
+            "request_id": uuid.uuid4().hex,
+            "model_id": model_id,
+            "action": action,
+            "target_version": target_version,
+            "reason": reason,
+            "issued_at": time.time() if issued_at is None else issued_at,
+        }
+    )
+    return MANUAL_PREFIX + body[1:]
+
+
+def send_manual_request(settings: ServiceSettings, model_id: str, action: str, **kw: Any) -> None:
+    """Publish a manual request (key = model id → the stage-2 partition owning the model)."""
+    from confluent_kafka import Producer
+
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "acks": "all",
+        "security.protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        conf.update(
+            {
+                "sasl.mechanism": settings.sasl_mechanism,
+                "sasl.username": settings.sasl_username or "",
+                "sasl.password": settings.sasl_password or "",
+            }
+        )
+    if settings.ssl_cafile:
+        conf["ssl.ca.location"] = settings.ssl_cafile
+    if settings.ssl_certfile:
+        conf["ssl.certificate.location"] = settings.ssl_certfile
+    if settings.ssl_keyfile:
+        conf["ssl.key.location"] = settings.ssl_keyfile
+    producer = Producer(conf)
+    errors: list[str] = []
+    producer.produce(
+        settings.topics.summaries,
+        key=model_id.encode(),
+        value=manual_request(model_id, action, **kw),
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+    )
+    if producer.flush(30) != 0 or errors:
+        raise RuntimeError(f"manual request for {model_id!r} not delivered: {errors or 'timeout'}")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_worker_commands(subparsers: Any) -> None:
+    """Register ``driftline worker`` and ``driftline killswitch`` on the CLI's subparsers.
+
+    Each parser sets ``func``; the CLI's ``main`` calls ``args.func(args)`` for them.
+    """
+    w = subparsers.add_parser("worker", help="run the Kafka + Redis worker (both stages)")
+    w.add_argument("--config", default=None, help="monitors.yaml (default $DRIFTLINE_CONFIG)")
+    w.add_argument("--stages", default="ingest,detect", help="ingest,detect (default both)")
+    w.add_argument("--log-level", default="INFO")
+    w.set_defaults(func=_cmd_worker)
+    ks = subparsers.add_parser("killswitch", help="show or operate a model's kill switch")
+    ks.add_argument("op", choices=("status", "release", "rollback", "fallback", "throttle"))
+    ks.add_argument("--model", required=True, help="model id")
+    ks.add_argument("--target-version", default=None)
+    ks.add_argument("--reason", default="")
+    ks.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the worker to apply it (0 = do not wait)",
+    )
+    ks.set_defaults(func=_cmd_killswitch)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = ServiceSettings.from_env()
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    bad = [s for s in stages if s not in ("ingest", "detect")]
+    if bad or not stages:
+        print(
+            f"driftline worker: error: --stages: {bad or stages!r} is not valid; "
+            "valid values: ingest, detect",
+            file=sys.stderr,
+        )
+        return 2
+    config = load_config(args.config or settings.config_path)
+    opts = WorkerOptions.from_env()
+    opts = WorkerOptions(**{**opts.__dict__, "stages": stages})
+    return asyncio.run(run_worker(config, settings, opts))
+
+
+async def run_worker(config: MonitorConfig, settings: ServiceSettings, opts: WorkerOptions) -> int:
+    """Run until SIGTERM / SIGINT; exit code 0 on a clean stop."""
+    worker = Worker(config, settings, opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()
+    return 0
+
+
+def _cmd_killswitch(args: argparse.Namespace) -> int:
+    settings = ServiceSettings.from_env()
+    opts = WorkerOptions.from_env()
+
+    async def state() -> dict[str, Any] | None:
+        store = RedisStore(settings.redis_url, prefix=opts.redis_prefix, retry_for_s=10.0)
+        try:
+            raw = await store.get_killswitch(args.model)
+        finally:
+            await store.close()
+        return None if raw is None else dict(orjson.loads(raw))
+
+    before = asyncio.run(state())
+    if args.op == "status":
+        print(
+            orjson.dumps(before, option=orjson.OPT_INDENT_2).decode()
+            if before
+            else f"{args.model}: no kill-switch state (never tripped)"
+        )
+        return 0
+    send_manual_request(
+        settings, args.model, args.op, reason=args.reason, target_version=args.target_version
+    )
+    print(f"{args.model}: {args.op} requested")
+    if args.wait <= 0:
+        return 0
+    key = "releases" if args.op == "release" else "trips"
+    seen = (before or {}).get(key, 0)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        now = asyncio.run(state())
+        if now is not None and now.get(key, 0) > seen:
+            print(orjson.dumps(now, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        time.sleep(0.5)
+    print(
+        f"{args.model}: not applied within {args.wait:.0f} s (is a worker running?)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stream.worker worker|killswitch ...`` (the same commands as the CLI's)."""
+    parser = argparse.ArgumentParser(prog="driftline")
+    add_worker_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
