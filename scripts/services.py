@@ -18,6 +18,7 @@ Use as a module::
 or from a shell (foreground; Ctrl-C or SIGTERM stops the service)::
 
     python scripts/services.py kafka
+    python scripts/services.py kafka --scram-user admin=a-pw --scram-user driftline=d-pw --acls
     python scripts/services.py redis
     python scripts/services.py prometheus --target 127.0.0.1:8000
 
@@ -34,12 +35,15 @@ import atexit
 import base64
 import contextlib
 import ctypes
+import hashlib
+import hmac
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -51,6 +55,7 @@ import urllib.request
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -67,7 +72,9 @@ __all__ = [
     "KafkaService",
     "PrometheusClient",
     "PrometheusService",
+    "RedisAclUser",
     "RedisService",
+    "ScramClient",
     "ServiceError",
     "ServiceStartError",
     "find_promtool",
@@ -76,9 +83,13 @@ __all__ = [
     "kafka_api_versions",
     "kafka_broker_count",
     "kafka_cluster_id",
+    "kafka_sasl_authenticate",
     "kafka_version_hint",
+    "make_test_certificates",
     "render_kafka_properties",
+    "render_kafka_sasl_properties",
     "render_prometheus_config",
+    "render_redis_acl_file",
     "render_redis_args",
 ]
 
@@ -528,6 +539,109 @@ def render_kafka_properties(
     return "\n".join(lines) + "\n"
 
 
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_VALUE_RE = re.compile(r"[A-Za-z0-9_.@+\-]{1,64}")
+STANDARD_AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+
+
+def _jaas_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check_scram_users(users: Mapping[str, str], admin_user: str) -> None:
+    if not users:
+        raise ValueError("sasl_scram_users: at least one user is needed (the admin user)")
+    for name, password in users.items():
+        for what, value in (("name", name), ("password", password)):
+            if not _SCRAM_VALUE_RE.fullmatch(value):
+                raise ValueError(
+                    f"sasl_scram_users: {what} {value!r} is not valid; valid: 1-64 characters "
+                    "of A-Z a-z 0-9 _ . @ + -"
+                )
+    if admin_user not in users:
+        raise ValueError(
+            f"admin_user: {admin_user!r} is not in sasl_scram_users; valid values: "
+            + ", ".join(sorted(users))
+        )
+
+
+def render_kafka_sasl_properties(
+    *,
+    broker_port: int,
+    controller_port: int,
+    admin_user: str,
+    admin_password: str,
+    mechanism: str = "SCRAM-SHA-512",
+    acls: bool = False,
+    super_users: Sequence[str] = (),
+    tls_port: int | None = None,
+    tls_keystore: Path | None = None,
+) -> dict[str, str]:
+    """server.properties overrides: SASL/SCRAM on the client listener, optional ACLs.
+
+    * ``CLIENT`` (the bootstrap listener, also the inter-broker one): ``SASL_PLAINTEXT``
+      with ``mechanism`` (SCRAM-SHA-256/512); the credentials live in the KRaft metadata
+      log (created at format time, ``--add-scram``); the broker authenticates to itself as
+      ``admin_user``.
+    * ``CONTROLLER``: ``SASL_PLAINTEXT`` with PLAIN and one user, ``admin_user`` (SCRAM
+      credentials live in the metadata log, which the controller listener cannot depend
+      on). So no listener accepts an unauthenticated connection.
+    * ``acls``: the StandardAuthorizer, ``super.users`` = the admin plus ``super_users``,
+      and ``allow.everyone.if.no.acl.found=false`` (deny unless an ACL allows).
+    * ``tls_port`` + ``tls_keystore`` (a PEM file: unencrypted PKCS#8 key, then the
+      certificate chain): a third listener, ``TLS``, speaking ``SASL_SSL`` with the same
+      SCRAM users.
+    """
+    if mechanism not in SCRAM_MECHANISMS:
+        raise ValueError(
+            f"mechanism: {mechanism!r} is not valid; valid values: {', '.join(SCRAM_MECHANISMS)}"
+        )
+    scram = mechanism.lower()
+    user, password = _jaas_quote(admin_user), _jaas_quote(admin_password)
+    props = {
+        "listeners": f"CLIENT://{LOOPBACK}:{broker_port},CONTROLLER://{LOOPBACK}:{controller_port}",
+        "advertised.listeners": f"CLIENT://{LOOPBACK}:{broker_port}",
+        "listener.security.protocol.map": "CLIENT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+        "inter.broker.listener.name": "CLIENT",
+        "sasl.enabled.mechanisms": mechanism,
+        "sasl.mechanism.inter.broker.protocol": mechanism,
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.client.sasl.enabled.mechanisms": mechanism,
+        f"listener.name.client.{scram}.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f"username={user} password={password};"
+        ),
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f"username={user} password={password} user_{admin_user}={password};"
+        ),
+    }
+    if tls_port is not None:
+        if tls_keystore is None:
+            raise ValueError("tls_keystore: needed with tls_port (a PEM key + certificate chain)")
+        props["listeners"] += f",TLS://{LOOPBACK}:{tls_port}"
+        props["advertised.listeners"] += f",TLS://{LOOPBACK}:{tls_port}"
+        props["listener.security.protocol.map"] += ",TLS:SASL_SSL"
+        props["listener.name.tls.sasl.enabled.mechanisms"] = mechanism
+        props[f"listener.name.tls.{scram}.sasl.jaas.config"] = props[
+            f"listener.name.client.{scram}.sasl.jaas.config"
+        ]
+        props["listener.name.tls.ssl.keystore.type"] = "PEM"
+        props["listener.name.tls.ssl.keystore.location"] = str(tls_keystore)
+        props["listener.name.tls.ssl.client.auth"] = "none"
+    if acls:
+        principals = [f"User:{admin_user}", *(f"User:{u}" for u in super_users)]
+        props.update(
+            {
+                "authorizer.class.name": STANDARD_AUTHORIZER,
+                "super.users": ";".join(dict.fromkeys(principals)),
+                "allow.everyone.if.no.acl.found": "false",
+            }
+        )
+    return props
+
+
 _LOG4J2_TEMPLATE = """\
 status = error
 name = driftline-local-kafka
@@ -547,6 +661,56 @@ logger.request.level = WARN
 logger.coordinator.name = org.apache.kafka.coordinator
 logger.coordinator.level = WARN
 """
+
+
+def make_test_certificates(
+    directory: Path,
+    *,
+    hosts: Sequence[str] = (LOOPBACK, "localhost"),
+    days: int = 7,
+    log_path: Path | None = None,
+) -> dict[str, Path]:
+    """A throw-away CA and a server certificate for ``hosts``, made with ``openssl``.
+
+    Writes ``ca.pem``/``ca.key``, ``server.crt``/``server.key`` and ``broker.pem`` (the
+    unencrypted PKCS#8 key followed by the certificate chain: Kafka's PEM keystore) into
+    ``directory`` (mode 0700). For tests only: the keys are not encrypted.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ServiceError("openssl not found (apt-get install openssl)")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sans = ",".join(
+        f"IP:{h}" if re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+:[0-9a-fA-F:]*", h) else f"DNS:{h}"
+        for h in hosts
+    )
+    (directory / "server.ext").write_text(
+        f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
+    )
+    log = log_path or directory / "openssl.out"
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+         "-days", str(days), "-subj", "/CN=driftline-test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+         "-subj", f"/CN={hosts[0]}"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", str(days), "-extfile", "server.ext"],
+    ]  # fmt: skip
+    for step in steps:
+        _run_checked([openssl, *step], cwd=directory, log_path=log, timeout=60)
+    keystore = directory / "broker.pem"
+    keystore.touch(mode=0o600)
+    keystore.write_text(
+        (directory / "server.key").read_text()
+        + (directory / "server.crt").read_text()
+        + (directory / "ca.pem").read_text()
+    )
+    return {
+        "ca": directory / "ca.pem",
+        "cert": directory / "server.crt",
+        "key": directory / "server.key",
+        "keystore": keystore,
+    }
 
 
 def _find_java() -> str:
@@ -569,6 +733,17 @@ class KafkaService(_Service):
     ``.cache/kafka-4.3.1/libs``. ``broker_config`` overrides or adds server.properties
     entries. The storage is
     formatted with a random cluster id on the first start; restarts reuse it.
+
+    Security (for security tests): ``sasl_scram_users={"admin": "pw", "driftline": "pw"}``
+    makes every listener require SASL (see :func:`render_kafka_sasl_properties`): clients
+    use ``sasl_mechanism`` (SCRAM-SHA-512 by default) on :attr:`bootstrap_servers`, the
+    credentials are created when the storage is formatted, and ``admin_user`` (in the
+    mapping) is the broker's own identity. ``acls=True`` adds the StandardAuthorizer with
+    ``super.users`` = the admin (plus ``super_users``) and deny-by-default. ``tls=True``
+    adds a ``SASL_SSL`` listener (:attr:`tls_bootstrap_servers`) whose certificate (for
+    127.0.0.1 and localhost) is signed by a throw-away CA made with ``openssl`` in the data
+    dir (:attr:`ca_file`). :meth:`client_config` gives a confluent-kafka config for one of
+    the users.
     """
 
     name = "kafka"
@@ -581,6 +756,12 @@ class KafkaService(_Service):
         heap: str = "512m",
         broker_config: Mapping[str, object] | None = None,
         log_level: str = "INFO",
+        sasl_scram_users: Mapping[str, str] | None = None,
+        sasl_mechanism: str = "SCRAM-SHA-512",
+        admin_user: str = "admin",
+        acls: bool = False,
+        super_users: Sequence[str] = (),
+        tls: bool = False,
         startup_timeout: float = 120.0,
         stop_timeout: float = 30.0,
         run_root: Path | None = None,
@@ -592,6 +773,23 @@ class KafkaService(_Service):
             stop_timeout=stop_timeout,
             verbose=verbose,
         )
+        self.sasl_scram_users = dict(sasl_scram_users or {})
+        if self.sasl_scram_users:
+            _check_scram_users(self.sasl_scram_users, admin_user)
+            if sasl_mechanism not in SCRAM_MECHANISMS:
+                raise ValueError(
+                    f"sasl_mechanism: {sasl_mechanism!r} is not valid; valid values: "
+                    + ", ".join(SCRAM_MECHANISMS)
+                )
+        elif acls or tls:
+            raise ValueError(
+                f"{'acls' if acls else 'tls'}: needs sasl_scram_users (an authenticated admin user)"
+            )
+        self.tls = tls
+        self.sasl_mechanism = sasl_mechanism
+        self.admin_user = admin_user
+        self.acls = acls
+        self.super_users = tuple(super_users)
         self.libs_dir = Path(
             libs_dir or os.environ.get("DRIFTLINE_KAFKA_LIBS") or DEFAULT_KAFKA_LIBS
         ).resolve()
@@ -613,8 +811,64 @@ class KafkaService(_Service):
 
     @property
     def broker_port(self) -> int:
-        """The PLAINTEXT listener's port."""
+        """The client listener's port (PLAINTEXT, or SASL_PLAINTEXT with SCRAM users)."""
         return self.ports[0]
+
+    @property
+    def tls_port(self) -> int:
+        """The SASL_SSL listener's port (``tls=True`` only)."""
+        if not self.tls:
+            raise ServiceError("kafka: started without tls=True")
+        return self.ports[2]
+
+    @property
+    def tls_bootstrap_servers(self) -> str:
+        """``127.0.0.1:PORT`` of the SASL_SSL listener (``tls=True`` only)."""
+        return f"{LOOPBACK}:{self.tls_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM file of the CA that signed the broker's certificate (``tls=True``)."""
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def security_protocol(self) -> str:
+        """``PLAINTEXT``, or ``SASL_PLAINTEXT`` when started with ``sasl_scram_users``."""
+        return "SASL_PLAINTEXT" if self.sasl_scram_users else "PLAINTEXT"
+
+    def client_config(
+        self, user: str | None = None, password: str | None = None, *, tls: bool = False
+    ) -> dict[str, Any]:
+        """confluent-kafka settings for ``user`` (default: the admin user).
+
+        ``password`` overrides the user's configured one (e.g. to test a wrong password).
+        ``tls=True``: the SASL_SSL listener, trusting :attr:`ca_file`. On a broker without
+        SASL, only ``bootstrap.servers``.
+        """
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        if not self.sasl_scram_users:
+            return conf
+        name = user or self.admin_user
+        if password is None:
+            if name not in self.sasl_scram_users:
+                raise ValueError(
+                    f"user: {name!r} is not a SCRAM user of this broker; valid values: "
+                    + ", ".join(sorted(self.sasl_scram_users))
+                )
+            password = self.sasl_scram_users[name]
+        conf.update(
+            {
+                "security.protocol": "SASL_PLAINTEXT",
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.username": name,
+                "sasl.password": password,
+            }
+        )
+        if tls:
+            conf["bootstrap.servers"] = self.tls_bootstrap_servers
+            conf["security.protocol"] = "SASL_SSL"
+            conf["ssl.ca.location"] = str(self.ca_file)
+        return conf
 
     @property
     def controller_port(self) -> int:
@@ -637,7 +891,7 @@ class KafkaService(_Service):
         return self.data_dir / "logs" / "server.log"
 
     def _port_count(self) -> int:
-        return 2
+        return 3 if self.tls else 2
 
     def _log_files(self) -> list[Path]:
         return [self.output_path, self.server_log]
@@ -665,31 +919,51 @@ class KafkaService(_Service):
         if self.java is None:
             self.java = _find_java()
 
+    def _overrides(self) -> dict[str, object]:
+        overrides: dict[str, object] = {}
+        if self.sasl_scram_users:
+            overrides.update(
+                render_kafka_sasl_properties(
+                    broker_port=self.broker_port,
+                    controller_port=self.controller_port,
+                    admin_user=self.admin_user,
+                    admin_password=self.sasl_scram_users[self.admin_user],
+                    mechanism=self.sasl_mechanism,
+                    acls=self.acls,
+                    super_users=self.super_users,
+                    tls_port=self.tls_port if self.tls else None,
+                    tls_keystore=self.data_dir / "tls" / "broker.pem" if self.tls else None,
+                )
+            )
+        overrides.update(self.broker_config)
+        return overrides
+
+    def _format_args(self, props: Path) -> list[str]:
+        args = ["format", "--cluster-id", self.cluster_id, "--config", str(props)]
+        for name, password in self.sasl_scram_users.items():
+            args += ["--add-scram", f"{self.sasl_mechanism}=[name={name},password={password}]"]
+        return args
+
     def _prepare(self, *, fresh: bool) -> None:
         props = self.data_dir / "server.properties"
+        props.touch(mode=0o600)  # it may hold SASL passwords
         props.write_text(
             render_kafka_properties(
                 data_dir=self.data_dir,
                 broker_port=self.broker_port,
                 controller_port=self.controller_port,
-                overrides=self.broker_config,
+                overrides=self._overrides(),
             )
         )
         (self.data_dir / "logs").mkdir(exist_ok=True)
+        if self.tls and fresh:
+            make_test_certificates(self.data_dir / "tls", log_path=self.data_dir / "openssl.out")
         (self.data_dir / "log4j2.properties").write_text(
             _LOG4J2_TEMPLATE.format(log_file=self.server_log, level=self.log_level)
         )
         if fresh:
             _run_checked(
-                self._java_cmd(
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "--cluster-id",
-                    self.cluster_id,
-                    "--config",
-                    str(props),
-                    heap="256m",
-                ),
+                self._java_cmd("kafka.tools.StorageTool", *self._format_args(props), heap="256m"),
                 cwd=self.data_dir,
                 log_path=self.data_dir / "format.out",
                 timeout=self.startup_timeout,
@@ -701,7 +975,11 @@ class KafkaService(_Service):
         )
 
     def _probe(self) -> bool:
-        return kafka_broker_count(LOOPBACK, self.broker_port, timeout=2.0) >= 1
+        sasl = None
+        if self.sasl_scram_users:
+            admin = self.admin_user
+            sasl = (self.sasl_mechanism, admin, self.sasl_scram_users[admin])
+        return kafka_broker_count(LOOPBACK, self.broker_port, timeout=2.0, sasl=sasl) >= 1
 
 
 # Kafka wire protocol, just enough for a readiness probe: ApiVersions v0, then Metadata
@@ -755,6 +1033,100 @@ def _parse_api_versions(body: bytes) -> dict[int, tuple[int, int]]:
     return versions
 
 
+_API_SASL_HANDSHAKE = 17
+_API_SASL_AUTHENTICATE = 36
+
+
+class ScramClient:
+    """The client side of SCRAM (RFC 5802) for SHA-256/SHA-512, as Kafka speaks it.
+
+    >>> c = ScramClient("SCRAM-SHA-256", "user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
+    >>> c.first()
+    b'n,,n=user,r=rOprNGfwEbeRWgbNEkqO'
+    """
+
+    def __init__(self, mechanism: str, username: str, password: str, *, nonce: str = "") -> None:
+        if mechanism not in SCRAM_MECHANISMS:
+            valid = ", ".join(SCRAM_MECHANISMS)
+            raise ValueError(f"mechanism: {mechanism!r} is not valid; valid values: {valid}")
+        self.hash = "sha256" if mechanism == "SCRAM-SHA-256" else "sha512"
+        self.username = username.replace("=", "=3D").replace(",", "=2C")
+        self.password = password.encode()
+        self.nonce = nonce or base64.b64encode(os.urandom(24)).decode()
+        self._bare = f"n={self.username},r={self.nonce}"
+        self._server_signature = b""
+
+    def _hmac(self, key: bytes, msg: bytes) -> bytes:
+        return hmac.new(key, msg, self.hash).digest()
+
+    def first(self) -> bytes:
+        """The client-first message."""
+        return f"n,,{self._bare}".encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        """The client-final message (with the proof) for the server-first message."""
+        text = server_first.decode()
+        attrs = dict(part.split("=", 1) for part in text.split(","))
+        nonce = attrs.get("r", "")
+        if not nonce.startswith(self.nonce) or "s" not in attrs or "i" not in attrs:
+            raise ConnectionError(f"SCRAM: bad server-first message {text!r}")
+        salted = hashlib.pbkdf2_hmac(
+            self.hash, self.password, base64.b64decode(attrs["s"]), int(attrs["i"])
+        )
+        client_key = self._hmac(salted, b"Client Key")
+        stored_key = hashlib.new(self.hash, client_key).digest()
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self._bare},{text},{without_proof}".encode()
+        signature = self._hmac(stored_key, auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self._server_signature = self._hmac(self._hmac(salted, b"Server Key"), auth_message)
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify(self, server_final: bytes) -> None:
+        """Check the server's signature (raises ConnectionError on a mismatch or error)."""
+        text = server_final.decode()
+        if text.startswith("e="):
+            raise ConnectionError(f"SCRAM: server error {text[2:]!r}")
+        if (
+            not self._server_signature
+            or text != "v=" + base64.b64encode(self._server_signature).decode()
+        ):
+            raise ConnectionError("SCRAM: the server signature does not match")
+
+
+def _kafka_sasl_round(sock: socket.socket, correlation_id: int, token: bytes) -> bytes:
+    body = _kafka_call(
+        sock, _API_SASL_AUTHENTICATE, 0, correlation_id, struct.pack(">i", len(token)) + token
+    )
+    error, msg_len = struct.unpack_from(">hh", body, 0)
+    off = 4 + max(msg_len, 0)
+    message = body[4:off].decode(errors="replace") if msg_len > 0 else ""
+    if error:
+        raise ConnectionError(f"SaslAuthenticate error code {error}: {message}")
+    (size,) = struct.unpack_from(">i", body, off)
+    return body[off + 4 : off + 4 + max(size, 0)]
+
+
+def kafka_sasl_authenticate(
+    sock: socket.socket, mechanism: str, username: str, password: str
+) -> None:
+    """SASL on a fresh Kafka connection: SaslHandshake v1, then SaslAuthenticate v0 rounds.
+
+    Supports PLAIN and SCRAM-SHA-256/512; raises ConnectionError when the broker refuses.
+    """
+    name = mechanism.encode()
+    body = _kafka_call(sock, _API_SASL_HANDSHAKE, 1, 11, struct.pack(">h", len(name)) + name)
+    (error,) = struct.unpack_from(">h", body, 0)
+    if error:
+        raise ConnectionError(f"SaslHandshake error code {error} for {mechanism}")
+    if mechanism == "PLAIN":
+        _kafka_sasl_round(sock, 12, b"\0" + username.encode() + b"\0" + password.encode())
+        return
+    client = ScramClient(mechanism, username, password)
+    server_first = _kafka_sasl_round(sock, 12, client.first())
+    client.verify(_kafka_sasl_round(sock, 13, client.final(server_first)))
+
+
 def kafka_version_hint(bootstrap: str, timeout: float = 5.0) -> str:
     """A coarse broker version from ApiVersions: Kafka 4.0 dropped Fetch v0-v3 (KIP-896)."""
     host, _, port = bootstrap.split(",", maxsplit=1)[0].strip().rpartition(":")
@@ -762,10 +1134,18 @@ def kafka_version_hint(bootstrap: str, timeout: float = 5.0) -> str:
     return "4.0+" if fetch_min >= 4 else "before 4.0"
 
 
-def kafka_broker_count(host: str, port: int, timeout: float = 2.0) -> int:
-    """How many unfenced brokers a Metadata request to ``host:port`` reports."""
+def kafka_broker_count(
+    host: str, port: int, timeout: float = 2.0, *, sasl: tuple[str, str, str] | None = None
+) -> int:
+    """How many unfenced brokers a Metadata request to ``host:port`` reports.
+
+    ``sasl=(mechanism, username, password)`` authenticates first (PLAIN, SCRAM-SHA-256 or
+    SCRAM-SHA-512); a refused login raises :class:`ConnectionError`.
+    """
     with socket.create_connection((host, port), timeout=timeout) as sock:
         versions = _parse_api_versions(_kafka_call(sock, _API_VERSIONS, 0, 1, b""))
+        if sasl is not None:
+            kafka_sasl_authenticate(sock, *sasl)
         low, high = versions.get(_API_METADATA, (0, -1))
         version = min(high, 8)
         if version < max(low, 4):
@@ -838,6 +1218,60 @@ def render_redis_args(
     return args + list(extra_args)
 
 
+_REDIS_ACL_NAME_RE = re.compile(r"[A-Za-z0-9_.@\-]{1,64}")
+
+
+@dataclass(frozen=True)
+class RedisAclUser:
+    """One Redis ACL user for :class:`RedisService` (``acl_users=[...]``).
+
+    ``rules`` are ACL SETUSER rules after ``on`` and the password, e.g.
+    ``("~dl:*", "resetchannels", "-@all", "+get", "+evalsha")``. The ACL file stores the
+    password's SHA-256 only (``#<hex>``), never the password.
+    """
+
+    name: str
+    password: str
+    rules: tuple[str, ...] = ("~*", "&*", "+@all")
+
+    def __post_init__(self) -> None:
+        if not _REDIS_ACL_NAME_RE.fullmatch(self.name) or self.name == "default":
+            raise ValueError(
+                f"name: {self.name!r} is not valid; valid: 1-64 characters of A-Z a-z 0-9 _ . @ -"
+                " other than 'default' (set the default user with password=)"
+            )
+        if not self.password:
+            raise ValueError(f"password: user {self.name!r} needs a non-empty password")
+        for rule in self.rules:
+            if not rule or any(c.isspace() for c in rule) or rule.startswith((">", "#", "nopass")):
+                raise ValueError(
+                    f"rules: {rule!r} of user {self.name!r} is not valid (no spaces, no "
+                    "passwords: the password field sets it)"
+                )
+
+    def line(self) -> str:
+        """The user's ACL file line (``user NAME reset on #SHA256 RULES...``)."""
+        digest = hashlib.sha256(self.password.encode()).hexdigest()
+        return " ".join(["user", self.name, "reset", "on", f"#{digest}", *self.rules])
+
+
+def render_redis_acl_file(users: Sequence[RedisAclUser], default_password: str | None) -> str:
+    """An ACL file: ``users`` plus the default user, turned off unless it has a password
+    (then it is the unrestricted admin)."""
+    if default_password:
+        default = (
+            RedisAclUser("admin", default_password)
+            .line()
+            .replace("user admin ", "user default ", 1)
+        )
+    else:
+        default = "user default reset off resetchannels -@all"
+    names = [u.name for u in users]
+    if len(set(names)) != len(names):
+        raise ValueError(f"acl_users: user names must be unique, got {names}")
+    return "\n".join([default, *(u.line() for u in users)]) + "\n"
+
+
 def _resp(*parts: str) -> bytes:
     out = [f"*{len(parts)}\r\n".encode()]
     for part in parts:
@@ -862,6 +1296,14 @@ class RedisService(_Service):
     ``restart()`` keeps the data dir, so keys written before it survive (AOF replay).
     ``password`` sets ``requirepass`` (and goes into :attr:`url`); ``acl_file``,
     ``maxmemory`` and ``extra_args`` are passed through for reliability/security tests.
+
+    ``acl_users`` (instead of ``acl_file``) writes an ACL file into the data dir with
+    those users; the default user is turned off, or, with ``password``, is the
+    unrestricted admin (``+@all``). :meth:`url_for` gives a user's URL.
+
+    ``tls=True``: TLS only (no plaintext port), with a certificate for 127.0.0.1 signed by
+    a throw-away CA (:attr:`ca_file`); the URLs become ``rediss://...?ssl_ca_certs=<CA>``,
+    which redis-py's ``from_url`` (and so RedisStore) accepts as is.
     """
 
     name = "redis"
@@ -874,6 +1316,8 @@ class RedisService(_Service):
         password: str | None = None,
         username: str | None = None,
         acl_file: Path | None = None,
+        acl_users: Sequence[RedisAclUser] = (),
+        tls: bool = False,
         appendfsync: str = "everysec",
         extra_args: Sequence[str] = (),
         config_file: Path | None = None,
@@ -892,6 +1336,15 @@ class RedisService(_Service):
         self.maxmemory = maxmemory
         self.password = password
         self.username = username
+        if acl_users and acl_file is not None:
+            raise ValueError("acl_users and acl_file: give one of them, not both")
+        if acl_users and username is not None:
+            raise ValueError(
+                "username: not used with acl_users (password= sets the default user's password)"
+            )
+        self.acl_users = tuple(acl_users)
+        self.tls = tls
+        render_redis_acl_file(self.acl_users, password)  # validates now, not at start
         self.acl_file = acl_file
         self.appendfsync = appendfsync
         self.extra_args = list(extra_args)
@@ -923,7 +1376,41 @@ class RedisService(_Service):
         if self.password is not None:
             user = urllib.parse.quote(self.username or "", safe="")
             auth = f"{user}:{urllib.parse.quote(self.password, safe='')}@"
-        return f"redis://{auth}{self.endpoint}/0"
+        return self._url(auth)
+
+    def _url(self, auth: str) -> str:
+        if not self.tls:
+            return f"redis://{auth}{self.endpoint}/0"
+        ca = urllib.parse.quote(str(self.ca_file), safe="/")
+        return f"rediss://{auth}{self.endpoint}/0?ssl_ca_certs={ca}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the server certificate (``tls=True``)."""
+        if not self.tls:
+            raise ServiceError("redis: started without tls=True")
+        return self.data_dir / "tls" / "ca.pem"
+
+    def url_for(self, user: str | None, password: str | None = None) -> str:
+        """The URL of ACL user ``user`` (its configured password unless ``password`` is
+        given); ``user=None`` gives a URL without credentials."""
+        if user is None:
+            return self._url("")
+        if password is None:
+            known = {u.name: u.password for u in self.acl_users}
+            if user not in known:
+                raise ValueError(
+                    f"user: {user!r} is not an ACL user; valid values: {', '.join(known)}"
+                )
+            password = known[user]
+        quote = urllib.parse.quote
+        return self._url(f"{quote(user, safe='')}:{quote(password, safe='')}@")
+
+    @property
+    def _effective_acl_file(self) -> Path | None:
+        if self.acl_users:
+            return self.data_dir / "users.acl"
+        return self.acl_file
 
     def _port_count(self) -> int:
         return 1
@@ -932,22 +1419,46 @@ class RedisService(_Service):
         return [self.output_path, self.data_dir / "redis.log"]
 
     def _prepare(self, *, fresh: bool) -> None:
-        pass
+        if self.tls and fresh:
+            make_test_certificates(self.data_dir / "tls", log_path=self.data_dir / "openssl.out")
+        if self.acl_users:
+            path = self.data_dir / "users.acl"
+            path.touch(mode=0o600)
+            path.write_text(render_redis_acl_file(self.acl_users, self.password))
 
     def _command(self) -> list[str]:
         head = [self.binary] + ([str(self.config_file)] if self.config_file else [])
-        return head + render_redis_args(
+        args = render_redis_args(
             port=self.port,
             data_dir=self.data_dir,
             appendfsync=self.appendfsync,
             maxmemory=self.maxmemory,
-            password=self.password,
-            acl_file=self.acl_file,
-            extra_args=self.extra_args,
+            password=None if self.acl_users else self.password,
+            acl_file=self._effective_acl_file,
         )
+        if self.tls:
+            tls_dir = self.data_dir / "tls"
+            args[args.index("--port") + 1] = "0"  # no plaintext port at all
+            args += [
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(tls_dir / "server.crt"),
+                "--tls-key-file",
+                str(tls_dir / "server.key"),
+                "--tls-ca-cert-file",
+                str(tls_dir / "ca.pem"),
+                "--tls-auth-clients",
+                "no",
+            ]
+        return head + args + self.extra_args
 
     def _probe(self) -> bool:
-        with socket.create_connection((LOOPBACK, self.port), timeout=2.0) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((LOOPBACK, self.port), timeout=2.0))
+            if self.tls:
+                context = ssl.create_default_context(cafile=str(self.ca_file))
+                sock = stack.enter_context(context.wrap_socket(sock, server_hostname=LOOPBACK))
             if self.password is not None:
                 auth = [self.username, self.password] if self.username else [self.password]
                 sock.sendall(_resp("AUTH", *auth))
@@ -1271,12 +1782,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scrape-interval", default="1s", help="prometheus (default 1s)")
     parser.add_argument("--rule-file", action="append", default=[], type=Path)
     parser.add_argument("--heap", default="512m", help="kafka JVM -Xmx (default 512m)")
+    parser.add_argument(
+        "--scram-user",
+        action="append",
+        default=[],
+        metavar="NAME=PASSWORD",
+        help="kafka: require SASL/SCRAM-SHA-512 with this user (repeatable; 'admin' is the "
+        "broker's own identity and must be one of them)",
+    )
+    parser.add_argument(
+        "--acls", action="store_true", help="kafka: StandardAuthorizer, deny by default"
+    )
+    parser.add_argument("--tls", action="store_true", help="kafka: add a SASL_SSL listener")
     args = parser.parse_args(argv)
+    users: dict[str, str] = {}
+    for spec in args.scram_user:
+        name, sep, password = spec.partition("=")
+        if not sep:
+            parser.error(f"--scram-user: {spec!r} is not NAME=PASSWORD")
+        users[name] = password
 
     service: _Service
     if args.service == "kafka":
         overrides = _read_properties(args.config) if args.config else {}
-        service = KafkaService(broker_config=overrides, heap=args.heap, verbose=True)
+        try:
+            service = KafkaService(
+                broker_config=overrides,
+                heap=args.heap,
+                sasl_scram_users=users,
+                acls=args.acls,
+                tls=args.tls,
+                verbose=True,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
         env_line = "DRIFTLINE_KAFKA_BOOTSTRAP={}"
     elif args.service == "redis":
         service = RedisService(config_file=args.config, verbose=True)
@@ -1301,6 +1840,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             endpoint = service.url if isinstance(service, RedisService) else service.endpoint
             print(endpoint, flush=True)
             print(f"export {env_line.format(endpoint)}", file=sys.stderr, flush=True)
+            if isinstance(service, KafkaService) and service.sasl_scram_users:
+                print(
+                    "export DRIFTLINE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT "
+                    f"DRIFTLINE_KAFKA_SASL_MECHANISM={service.sasl_mechanism}",
+                    file=sys.stderr,
+                )
+                if service.tls:
+                    print(
+                        f"TLS (SASL_SSL): {service.tls_bootstrap_servers}, "
+                        f"CA file {service.ca_file}",
+                        file=sys.stderr,
+                    )
             print("Ctrl-C or SIGTERM stops it.", file=sys.stderr, flush=True)
             while not stop.wait(0.5):
                 if not service.running:

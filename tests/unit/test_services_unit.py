@@ -16,12 +16,17 @@ import pytest
 from scripts import services
 from scripts.services import (
     KafkaService,
+    RedisAclUser,
+    ScramClient,
     ServiceStartError,
     free_port,
     free_ports,
     kafka_cluster_id,
+    make_test_certificates,
     render_kafka_properties,
+    render_kafka_sasl_properties,
     render_prometheus_config,
+    render_redis_acl_file,
     render_redis_args,
 )
 
@@ -100,6 +105,222 @@ def test_parse_api_versions_reads_each_api_range() -> None:
     assert services._parse_api_versions(body) == {3: (0, 13), 18: (0, 4)}
     with pytest.raises(ConnectionError, match="error code 2"):
         services._parse_api_versions(struct.pack(">hi", 2, 0))
+
+
+# --------------------------------------------------------------------------- Kafka security
+
+
+def test_kafka_sasl_properties_leave_no_unauthenticated_listener(tmp_path: Path) -> None:
+    overrides = render_kafka_sasl_properties(
+        broker_port=19092,
+        controller_port=19093,
+        admin_user="admin",
+        admin_password="pw",
+        acls=True,
+        super_users=["ops", "admin"],
+    )
+    props = _props(
+        render_kafka_properties(
+            data_dir=tmp_path, broker_port=19092, controller_port=19093, overrides=overrides
+        )
+    )
+    protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
+    listeners = [entry.split(":")[0] for entry in props["listeners"].split(",")]
+    assert listeners == ["CLIENT", "CONTROLLER"]
+    assert {protocols[name] for name in listeners} == {"SASL_PLAINTEXT"}
+    assert props["advertised.listeners"] == "CLIENT://127.0.0.1:19092"
+    assert props["listener.name.client.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["sasl.mechanism.inter.broker.protocol"] == "SCRAM-SHA-512"
+    assert props["listener.name.controller.sasl.enabled.mechanisms"] == "PLAIN"
+    assert 'user_admin="pw"' in props["listener.name.controller.plain.sasl.jaas.config"]
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["super.users"] == "User:admin;User:ops"
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+
+
+def test_kafka_sasl_properties_without_acls_have_no_authorizer() -> None:
+    props = render_kafka_sasl_properties(
+        broker_port=1,
+        controller_port=2,
+        admin_user="a",
+        admin_password="b",
+        mechanism="SCRAM-SHA-256",
+    )
+    assert "authorizer.class.name" not in props and "super.users" not in props
+    assert "listener.name.client.scram-sha-256.sasl.jaas.config" in props
+    with pytest.raises(ValueError, match="valid values: SCRAM-SHA-256, SCRAM-SHA-512"):
+        render_kafka_sasl_properties(
+            broker_port=1, controller_port=2, admin_user="a", admin_password="b", mechanism="PLAIN"
+        )
+
+
+def test_kafka_service_sasl_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="admin_user: 'admin' is not in sasl_scram_users"):
+        KafkaService(libs_dir=tmp_path, sasl_scram_users={"driftline": "pw"})
+    with pytest.raises(ValueError, match=r"password 'p w' is not valid"):
+        KafkaService(libs_dir=tmp_path, sasl_scram_users={"admin": "p w"})
+    with pytest.raises(ValueError, match="acls: needs sasl_scram_users"):
+        KafkaService(libs_dir=tmp_path, acls=True)
+    with pytest.raises(ValueError, match="sasl_mechanism: 'PLAIN' is not valid"):
+        KafkaService(libs_dir=tmp_path, sasl_scram_users={"admin": "pw"}, sasl_mechanism="PLAIN")
+
+
+def test_kafka_service_formats_scram_users_and_gives_client_configs(tmp_path: Path) -> None:
+    svc = KafkaService(libs_dir=tmp_path, sasl_scram_users={"admin": "a-pw", "dl": "d-pw"})
+    svc._ports = [19092, 19093]
+    args = svc._format_args(tmp_path / "server.properties")
+    assert args[args.index("--add-scram") + 1] == "SCRAM-SHA-512=[name=admin,password=a-pw]"
+    assert "SCRAM-SHA-512=[name=dl,password=d-pw]" in args
+    assert svc.security_protocol == "SASL_PLAINTEXT"
+    assert svc.client_config("dl") == {
+        "bootstrap.servers": "127.0.0.1:19092",
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "dl",
+        "sasl.password": "d-pw",
+    }
+    assert svc.client_config()["sasl.username"] == "admin"
+    assert svc.client_config("dl", "wrong")["sasl.password"] == "wrong"
+    with pytest.raises(ValueError, match="valid values: admin, dl"):
+        svc.client_config("nobody")
+    plain = KafkaService(libs_dir=tmp_path)
+    plain._ports = [1, 2]
+    assert plain.client_config() == {"bootstrap.servers": "127.0.0.1:1"}
+    assert plain._format_args(tmp_path / "p").count("--add-scram") == 0
+
+
+def test_kafka_sasl_properties_tls_listener(tmp_path: Path) -> None:
+    props = render_kafka_sasl_properties(
+        broker_port=1,
+        controller_port=2,
+        admin_user="admin",
+        admin_password="pw",
+        tls_port=3,
+        tls_keystore=tmp_path / "broker.pem",
+    )
+    assert props["listeners"].endswith(",TLS://127.0.0.1:3")
+    assert props["advertised.listeners"] == "CLIENT://127.0.0.1:1,TLS://127.0.0.1:3"
+    assert props["listener.security.protocol.map"].endswith(",TLS:SASL_SSL")
+    assert props["listener.name.tls.ssl.keystore.type"] == "PEM"
+    assert props["listener.name.tls.ssl.keystore.location"] == str(tmp_path / "broker.pem")
+    with pytest.raises(ValueError, match="tls_keystore: needed"):
+        render_kafka_sasl_properties(
+            broker_port=1, controller_port=2, admin_user="a", admin_password="b", tls_port=3
+        )
+    with pytest.raises(ValueError, match="tls: needs sasl_scram_users"):
+        KafkaService(libs_dir=tmp_path, tls=True)
+
+
+def test_test_certificates_verify_for_loopback_only(tmp_path: Path) -> None:
+    import ssl
+
+    files = make_test_certificates(tmp_path / "tls")
+    keystore = files["keystore"].read_text()
+    assert keystore.startswith("-----BEGIN PRIVATE KEY-----")  # PKCS#8, as Kafka wants
+    assert keystore.count("BEGIN CERTIFICATE") == 2
+    assert files["keystore"].stat().st_mode & 0o077 == 0
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(files["cert"], files["key"])
+    client = ssl.create_default_context(cafile=str(files["ca"]))
+    for host, ok in (("127.0.0.1", True), ("localhost", True), ("example.com", False)):
+        a, b = socket.socketpair()
+        with a, b:
+            srv = server.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+            cli = client.wrap_socket(b, server_hostname=host, do_handshake_on_connect=False)
+            srv.setblocking(False)
+            cli.setblocking(False)
+            error: Exception | None = None
+            for _ in range(200):
+                done = 0
+                for side in (cli, srv):
+                    try:
+                        side.do_handshake()
+                        done += 1
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        pass
+                    except (ssl.SSLError, OSError) as exc:
+                        error = exc
+                if done == 2 or error is not None:
+                    break
+                time.sleep(0.005)
+            assert (error is None) == ok, (host, error)
+
+
+def test_scram_client_matches_rfc7677_test_vector() -> None:
+    client = ScramClient("SCRAM-SHA-256", "user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
+    assert client.first() == b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
+    server_first = (
+        b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+    )
+    assert client.final(server_first) == (
+        b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+        b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+    )
+    client.verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+    with pytest.raises(ConnectionError, match="signature does not match"):
+        client.verify(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    with pytest.raises(ConnectionError, match="server error 'invalid-proof'"):
+        client.verify(b"e=invalid-proof")
+
+
+def test_scram_client_rejects_a_server_nonce_it_did_not_start() -> None:
+    client = ScramClient("SCRAM-SHA-512", "a=b,c", "pw", nonce="abc")
+    assert client.first() == b"n,,n=a=3Db=2Cc,r=abc"  # RFC 5802 saslname escaping
+    with pytest.raises(ConnectionError, match="bad server-first"):
+        client.final(b"r=xyz123,s=c2FsdA==,i=4096")
+
+
+# --------------------------------------------------------------------------- Redis ACL
+
+
+def test_redis_acl_file_hashes_passwords_and_disables_default(tmp_path: Path) -> None:
+    user = RedisAclUser("driftline", "s3cret", ("~dl:*", "-@all", "+get"))
+    text = render_redis_acl_file([user], None)
+    lines = text.splitlines()
+    assert lines[0] == "user default reset off resetchannels -@all"
+    digest = __import__("hashlib").sha256(b"s3cret").hexdigest()
+    assert lines[1] == f"user driftline reset on #{digest} ~dl:* -@all +get"
+    assert "s3cret" not in text
+    with_admin = render_redis_acl_file([user], "adm").splitlines()[0]
+    assert with_admin.startswith("user default reset on #") and with_admin.endswith("+@all")
+    with pytest.raises(ValueError, match="must be unique"):
+        render_redis_acl_file([user, user], None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "default", "password": "x"}, "other than 'default'"),
+        ({"name": "a b", "password": "x"}, "is not valid"),
+        ({"name": "u", "password": ""}, "non-empty password"),
+        ({"name": "u", "password": "x", "rules": (">other",)}, "no passwords"),
+        ({"name": "u", "password": "x", "rules": ("~a *",)}, "no spaces"),
+    ],
+)
+def test_redis_acl_user_rejects_bad_fields(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RedisAclUser(**kwargs)  # type: ignore[arg-type]
+
+
+def test_redis_service_acl_users_write_the_acl_file(tmp_path: Path) -> None:
+    user = RedisAclUser("dl", "p@ss")
+    svc = services.RedisService(binary="/bin/true", acl_users=[user], password="adm")
+    svc._ports = [6399]
+    svc._data_dir = tmp_path
+    svc._prepare(fresh=True)
+    acl = tmp_path / "users.acl"
+    assert acl.stat().st_mode & 0o777 == 0o600
+    assert acl.read_text().startswith("user default reset on #")
+    cmd = svc._command()
+    assert cmd[cmd.index("--aclfile") + 1] == str(acl)
+    assert "--requirepass" not in cmd  # the ACL file sets the default user's password
+    assert svc.url_for("dl") == "redis://dl:p%40ss@127.0.0.1:6399/0"
+    assert svc.url_for(None) == "redis://127.0.0.1:6399/0"
+    assert svc.url == "redis://:adm@127.0.0.1:6399/0"
+    with pytest.raises(ValueError, match="valid values: dl"):
+        svc.url_for("other")
+    with pytest.raises(ValueError, match="give one of them"):
+        services.RedisService(binary="/bin/true", acl_users=[user], acl_file=acl)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -300,3 +521,25 @@ def test_stale_run_dirs_of_dead_processes_are_reaped(tmp_path: Path) -> None:
     services._reap_stale_run_dirs(root)
     assert not dead.exists()
     assert alive.exists() and other.exists()
+
+
+def test_redis_service_tls_has_no_plaintext_port_and_rediss_urls(tmp_path: Path) -> None:
+    svc = services.RedisService(
+        binary="/bin/true", tls=True, acl_users=[RedisAclUser("dl", "pw")], extra_args=["--hz", "5"]
+    )
+    svc._ports = [6399]
+    svc._data_dir = tmp_path
+    cmd = svc._command()
+    assert cmd[cmd.index("--port") + 1] == "0"
+    assert cmd[cmd.index("--tls-port") + 1] == "6399"
+    assert cmd[cmd.index("--tls-cert-file") + 1] == str(tmp_path / "tls" / "server.crt")
+    assert cmd[-2:] == ["--hz", "5"]  # extra args still come last (and win)
+    ca = tmp_path / "tls" / "ca.pem"
+    assert svc.url_for("dl") == f"rediss://dl:pw@127.0.0.1:6399/0?ssl_ca_certs={ca}"
+    assert svc.url_for(None) == f"rediss://127.0.0.1:6399/0?ssl_ca_certs={ca}"
+    plain = services.RedisService(binary="/bin/true")
+    plain._ports = [6399]
+    plain._data_dir = tmp_path
+    assert "--tls-port" not in plain._command()
+    with pytest.raises(services.ServiceError, match="without tls=True"):
+        _ = plain.ca_file
