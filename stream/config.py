@@ -319,11 +319,34 @@ _RULE_KEYS: Final = ("name", "when", "count", "sustain", "cooldown", "action", "
 _WHEN_KEYS: Final = ("kind", "severity", "detector", "feature", "slice")
 
 
+LLM_SIGNALS: Final = ("llm.input_tokens", "llm.output_tokens", "llm.retrieval_hits")
+"""Numeric LLM signals a model may monitor like features (read from the event's ``llm{}``);
+``llm.flags.<name>`` monitors the rate of one boolean flag."""
+
+
+def is_llm_signal(name: str) -> bool:
+    """True for a monitored LLM signal name (``llm.output_tokens``, ``llm.flags.refusal``).
+
+    >>> is_llm_signal("llm.flags.toxicity"), is_llm_signal("amount")
+    (True, False)
+    """
+    return name in LLM_SIGNALS or (name.startswith("llm.flags.") and len(name) > 10)
+
+
 def _feature(ctx: _Ctx, name: str, raw: object, path: str) -> FeatureConfig:
     data = ctx.mapping(raw, path, _FEATURE_KEYS)
     if "type" not in data:
         raise ctx.err(f"{path}.type", "required key is missing; valid values: numeric, categorical")
     ftype = ctx.choice(data["type"], f"{path}.type", ("numeric", "categorical"))
+    if name.startswith("llm."):
+        if not is_llm_signal(name):
+            raise ctx.err(
+                path,
+                f"{name!r} is not an LLM signal; valid values: {', '.join(LLM_SIGNALS)}, "
+                "llm.flags.<flag name>",
+            )
+        if ftype != "numeric":
+            raise ctx.err(f"{path}.type", "LLM signals are numeric; valid values: numeric")
     required = ctx.boolean(data["required"], f"{path}.required") if "required" in data else True
     rng: tuple[float, float] | None = None
     cats: tuple[str, ...] | None = None

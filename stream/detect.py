@@ -21,7 +21,15 @@ joined errors (per slice)     Bernoulli CUSUM, p0 = profile error rate        co
 calibration (per slice)       weighted |observed - predicted| per score bin   performance
 latency percentile            histogram percentile vs budget                  performance
 cost per 1k requests          window cost / requests vs budget                cost
+LLM tokens, per prompt ver.   PSI + CUSUM vs profile (``llm.output_tokens``)  prediction_drift
+LLM flag rate, per prompt v.  Bernoulli CUSUM, p0 = profile flag rate         prediction_drift
 ============================  ==============================================  ================
+
+LLM signals (features named ``llm.*`` in the config, see :mod:`stream.summary`) are tested
+per (model version, prompt version) against the profile's columns of the same name; their
+alerts carry ``feature = "llm.<signal>"`` and ``slice = "prompt_version=<pv>"``.
+``llm.output_tokens`` and ``llm.flags.*`` are outputs (``prediction_drift``);
+``llm.input_tokens`` and ``llm.retrieval_hits`` are inputs (``covariate_drift``).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ DETECTOR_NAMES: Final[tuple[str, ...]] = (
 """Every ``detector`` value stage 2 emits, plus ``latency_p<q>`` per configured percentile
 (bounded: safe as a metric label)."""
 MAX_VERSIONS: Final = 8
+MAX_PROMPTS: Final = 8  # prompt versions tracked per model version (least recent evicted)
 QUALITY_WINDOW_TICKS: Final = 10
 FloatArray = npt.NDArray[np.float64]
 
@@ -151,6 +160,7 @@ class VersionMonitor:
     seq_dets: dict[str, Any] = field(default_factory=dict)  # CUSUM / Bernoulli CUSUM
     warmup: dict[str, list[float]] = field(default_factory=dict)  # slice -> [n, errors]
     last_tick: int = 0
+    prompts: dict[str, int] = field(default_factory=dict)  # prompt version -> last tick
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -158,6 +168,7 @@ class VersionMonitor:
             "seq": {k: d.to_state() for k, d in self.seq_dets.items()},
             "warmup": self.warmup,
             "last_tick": self.last_tick,
+            "prompts": self.prompts,
         }
 
     @classmethod
@@ -167,6 +178,7 @@ class VersionMonitor:
             seq_dets={k: load(s) for k, s in doc["seq"].items()},
             warmup={k: list(v) for k, v in doc["warmup"].items()},
             last_tick=int(doc["last_tick"]),
+            prompts={str(k): int(v) for k, v in doc.get("prompts", {}).items()},
         )
 
 
@@ -205,6 +217,9 @@ class ModelMonitor:
             for c in plan.categorical:
                 if c.name in prof.categorical:
                     self.psi[c.name] = PSI(prof.psi_spec(prof.categorical[c.name], **params))
+            for p in plan.llm:
+                if p.name in prof.numeric and not p.name.startswith("llm.flags."):
+                    self.psi[p.name] = PSI(prof.psi_spec(prof.numeric[p.name], **params))
             if prof.score is not None:
                 self.psi["@score"] = PSI(prof.psi_spec(prof.score, **params))
             if prof.labels is not None:
@@ -280,6 +295,7 @@ class ModelMonitor:
         kind: str,
         version: str,
         feature: str | None,
+        slice_: str | None = None,
     ) -> Finding | None:
         w = self._win(vm, f"psi:{key}", psi.bins, self.model.detectors.psi_window_ticks)
         if not w.add(tick, counts):
@@ -295,7 +311,7 @@ class ModelMonitor:
             "psi",
             version,
             feature,
-            None,
+            slice_,
             r.severity,
             r.statistic,
             threshold,
@@ -485,6 +501,9 @@ class ModelMonitor:
                     if fd:
                         out.append(fd)
             out += self._budgets(vm, g, tick, version)
+            prompts = g.get("llm", {}).get("prompts")
+            if prompts and self.plan.llm:
+                out += self._llm(vm, prompts, tick, version)
             sc = g["score"]
             if "@score" in self.psi and sc["n"]:
                 fd = self._psi_finding(
@@ -520,6 +539,88 @@ class ModelMonitor:
             out += self._concept(vm, slice_key, sl, j, tick, version)
             out += self._calibration(vm, slice_key, sl, j, tick, version)
         return out
+
+    def _llm(
+        self, vm: VersionMonitor, prompts: Mapping[str, Any], tick: int, version: str
+    ) -> list[Finding]:
+        """LLM signals per prompt version (see the module doc)."""
+        out: list[Finding] = []
+        prof = self.plan.profile
+        for pv, pdoc in sorted(prompts.items()):
+            self._touch_prompt(vm, pv, tick)
+            sl = f"prompt_version={pv}"
+            for p in self.plan.llm:
+                f = pdoc["signals"].get(p.name)
+                ref = prof.numeric.get(p.name) if prof is not None else None
+                if f is None or not f["n"] or ref is None:
+                    continue
+                key = f"{p.name}@{pv}"
+                if p.name.startswith("llm.flags."):
+                    out += self._flag_rate(vm, key, p.name, sl, ref.mean, f, tick, version)
+                    continue
+                kind = "covariate_drift" if p.name != "llm.output_tokens" else "prediction_drift"
+                if p.name in self.psi:
+                    fd = self._psi_finding(
+                        vm, key, self.psi[p.name], f["counts"], tick, kind, version, p.name, sl
+                    )
+                    if fd:
+                        out.append(fd)
+                det = self._seq(vm, f"cusum:{key}", lambda r=ref: self._cusum("", r.mean, r.std))
+                if det is not None:
+                    dets = det.update(f["n"], f["sum"], f["sumsq"])
+                    out += self._seq_findings(
+                        dets, kind, "cusum", version, p.name, sl, "warn", tick, det.n_seen
+                    )
+        return out
+
+    def _flag_rate(  # noqa: PLR0917
+        self,
+        vm: VersionMonitor,
+        key: str,
+        name: str,
+        sl: str,
+        ref_rate: float,
+        f: Mapping[str, Any],
+        tick: int,
+        version: str,
+    ) -> list[Finding]:
+        d = self.model.detectors
+        p0 = min(max(ref_rate, 0.001), 0.45)
+        p1 = min(p0 * d.concept_shift, (1 + p0) / 2)
+        det = self._seq(
+            vm,
+            f"flag:{key}",
+            lambda: BernoulliCUSUM(BernoulliCUSUMSpec(p0=p0, p1=p1, arl0=d.concept_arl0)),
+        )
+        if det is None:
+            return []
+        dets = det.update(f["n"], f["sum"])
+        return self._seq_findings(
+            dets,
+            "prediction_drift",
+            "bernoulli_cusum",
+            version,
+            name,
+            sl,
+            "warn",
+            tick,
+            det.n_seen,
+            message=(
+                f"prediction drift on {self.model.model_id} {version} {sl}: the rate of "
+                f"{name} rose above {p0:.2%} (tuned to catch {p1:.2%})"
+            ),
+        )
+
+    def _touch_prompt(self, vm: VersionMonitor, pv: str, tick: int) -> None:
+        """Track prompt versions per model version; evict the least recent beyond 8."""
+        if pv not in vm.prompts and len(vm.prompts) >= MAX_PROMPTS:
+            old = min(vm.prompts, key=lambda k: vm.prompts[k])
+            del vm.prompts[old]
+            suffix = f"@{old}"
+            for d in (vm.windows, vm.seq_dets):
+                for k in [k for k in d if k.endswith(suffix)]:
+                    del d[k]
+        vm.prompts[pv] = max(vm.prompts.get(pv, tick), tick)
 
     def _concept(  # noqa: PLR0917
         self,

@@ -82,6 +82,10 @@ class Finding:
 
     @property
     def subject(self) -> str:
+        """``feature``, ``slice``, ``feature@slice`` when both are set (LLM signals per
+        prompt version), else ``-``."""
+        if self.feature and self.slice:
+            return f"{self.feature}@{self.slice}"
         return self.feature or self.slice or "-"
 
     def key(self, model_id: str) -> str:

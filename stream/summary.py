@@ -19,7 +19,17 @@ Summary layout (one per model, tick and source partition; ``summary.schema.json`
                                        out_of_range, wrong_type}
                              | categorical{counts[], missing, wrong_type, not_allowed}},
                latency?{counts[], n, sum}, cost?{n, sum}, llm?{n, input_tokens,
-               output_tokens, retrieval_hits, flags{}}}]}
+               output_tokens, retrieval_hits, flags{},
+               prompts?{<prompt_version>: {n, signals{name: numeric}}}}}]}
+
+LLM signals: a model that lists features named ``llm.input_tokens``, ``llm.output_tokens``,
+``llm.retrieval_hits`` or ``llm.flags.<flag>`` (see :func:`stream.config.is_llm_signal`)
+gets them accumulated *per prompt version* in ``llm.prompts`` of the ``"*"`` group, with the
+numeric layout of features (histogram over the profile's bins, moments, missing...); a
+flag is 1.0 when the event's ``llm.flags`` has it true, else 0.0, so its mean is the flag
+rate. Events without ``llm`` are not LLM calls and are not counted there. At most
+``MAX_PROMPT_VERSIONS`` prompt versions per group and tick; more fold into ``"other"``
+(events without a prompt version count as ``"-"``).
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors.sketches import numeric_bin_counts
-from stream.config import ModelConfig
-from stream.events import Prediction
+from stream.config import ModelConfig, is_llm_signal
+from stream.events import LLMInfo, Prediction
 from stream.profile import Profile, norm_target
 from stream.store import JoinedPair
 
@@ -46,6 +56,7 @@ LATENCY_EDGES_MS: Final = np.geomspace(1.0, 60_000.0, 41)
 DEFAULT_SCORE_EDGES: Final = np.linspace(0.1, 0.9, 9)
 CALIB_BINS: Final = 10
 MAX_LLM_FLAGS: Final = 32
+MAX_PROMPT_VERSIONS: Final = 8
 _NUMERIC_TYPES: Final = frozenset({float, int, type(None)})
 # numeric layout: n, sum, sumsq, min, max, missing, nan, out_of_range, wrong_type
 _N, _SUM, _SQ, _MIN, _MAX, _MISS, _NAN, _OOR, _WT = range(9)
@@ -91,6 +102,7 @@ class ModelPlan:
     label_index: Mapping[str, int]
     slices: tuple[SlicePlan, ...]
     feature_names: frozenset[str]
+    llm: tuple[NumPlan, ...] = ()  # LLM signals, accumulated per prompt version
 
     @property
     def model_id(self) -> str:
@@ -99,6 +111,7 @@ class ModelPlan:
     @classmethod
     def compile(cls, model: ModelConfig, profile: Profile | None) -> ModelPlan:
         numeric: list[NumPlan] = []
+        llm: list[NumPlan] = []
         categorical: list[CatPlan] = []
         for f in model.features:
             if f.type == "numeric":
@@ -110,7 +123,8 @@ class ModelPlan:
                 else:
                     edges = np.zeros(0, dtype=np.float64)
                 lo, hi = f.range if f.range is not None else (-np.inf, np.inf)
-                numeric.append(NumPlan(f.name, edges, float(lo), float(hi), f.required))
+                target = llm if is_llm_signal(f.name) else numeric
+                target.append(NumPlan(f.name, edges, float(lo), float(hi), f.required))
             else:
                 cref = profile.categorical.get(f.name) if profile else None
                 cats = cref.categories if cref is not None else (f.categories or ())
@@ -152,6 +166,7 @@ class ModelPlan:
             {c: i for i, c in enumerate(labels)},
             tuple(slices),
             frozenset(f.name for f in model.features),
+            tuple(llm),
         )
 
     def slice_keys(self, ev: Prediction) -> tuple[str, ...]:
@@ -213,6 +228,7 @@ class GroupAcc:
         "llm",
         "n",
         "num",
+        "prompts",
         "score",
         "unexpected",
     )
@@ -229,6 +245,7 @@ class GroupAcc:
         self.lat: list[Any] = []
         self.cost = [0, 0.0]
         self.llm: list[Any] = []
+        self.prompts: dict[str, list[Any]] = {}  # prompt version -> [n, {signal: [hist, acc]}]
         self.unexpected = 0  # events carrying a feature the contract does not list
         if full:
             for p in plan.numeric:
@@ -261,24 +278,8 @@ class GroupAcc:
         known = plan.feature_names
         self.unexpected += sum(1 for f in feats if not f.keys() <= known)
         for p in plan.numeric:
-            arr, missing, wrong = _to_numeric([f.get(p.name) for f in feats])
-            fin_mask = np.isfinite(arr)
-            fin = arr[fin_mask]
             hist, acc = self.num[p.name]
-            if p.edges.shape[0]:
-                hist += numeric_bin_counts(p.edges, fin)[0]
-            else:
-                hist[0] += fin.shape[0]
-            n, tot, sq, mn, mx = _moments(fin)
-            acc[_N] += n
-            acc[_SUM] += tot
-            acc[_SQ] += sq
-            acc[_MIN] = min(acc[_MIN], mn)
-            acc[_MAX] = max(acc[_MAX], mx)
-            acc[_MISS] += missing
-            acc[_NAN] += arr.shape[0] - fin.shape[0] - missing - wrong
-            acc[_WT] += wrong
-            acc[_OOR] += int(np.count_nonzero((fin < p.lo) | (fin > p.hi)))
+            _fold_numeric(p, [f.get(p.name) for f in feats], hist, acc)
         for c in plan.categorical:
             hist, extra = self.cat[c.name]
             k = hist.shape[0] - 1
@@ -320,6 +321,28 @@ class GroupAcc:
                     for name, on in info.flags.items():
                         if on and (name in flags or len(flags) < MAX_LLM_FLAGS):
                             flags[name] += 1
+            if plan.llm:
+                self._add_llm_signals(evs, plan)
+
+    def _add_llm_signals(self, evs: Sequence[Prediction], plan: ModelPlan) -> None:
+        by_prompt: dict[str, list[LLMInfo]] = {}
+        for e in evs:
+            info = e.llm
+            if info is None:
+                continue
+            pv = info.prompt_version if info.prompt_version is not None else "-"
+            known = pv in by_prompt or pv in self.prompts
+            if not known and len(self.prompts.keys() | by_prompt.keys()) >= MAX_PROMPT_VERSIONS:
+                pv = "other"
+            by_prompt.setdefault(pv, []).append(info)
+        for pv, infos in by_prompt.items():
+            slot = self.prompts.get(pv)
+            if slot is None:
+                slot = self.prompts[pv] = [0, {p.name: _new_numeric(p) for p in plan.llm}]
+            slot[0] += len(infos)
+            for p in plan.llm:
+                hist, acc = slot[1][p.name]
+                _fold_numeric(p, _llm_values(p.name, infos), hist, acc)
 
     def add_pair(self, pair: JoinedPair, positive: str, task: str) -> None:
         self.joined[0] += 1
@@ -351,19 +374,7 @@ class GroupAcc:
             return doc
         feats: dict[str, Any] = {}
         for name, (hist, a) in self.num.items():
-            feats[name] = {
-                "type": "numeric",
-                "counts": hist.tolist(),
-                "n": int(a[_N]),
-                "sum": float(a[_SUM]),
-                "sumsq": float(a[_SQ]),
-                "min": float(a[_MIN]) if a[_N] else None,
-                "max": float(a[_MAX]) if a[_N] else None,
-                "missing": int(a[_MISS]),
-                "nan": int(a[_NAN]),
-                "out_of_range": int(a[_OOR]),
-                "wrong_type": int(a[_WT]),
-            }
+            feats[name] = _numeric_doc(hist, a)
         for name, (hist, extra) in self.cat.items():
             feats[name] = {
                 "type": "categorical",
@@ -384,6 +395,11 @@ class GroupAcc:
             "retrieval_hits": lm[3],
             "flags": dict(sorted(lm[4].items())),
         }
+        if self.prompts:
+            doc["llm"]["prompts"] = {
+                pv: {"n": n, "signals": {k: _numeric_doc(h, a) for k, (h, a) in sig.items()}}
+                for pv, (n, sig) in sorted(self.prompts.items())
+            }
         return doc
 
     @classmethod
@@ -399,23 +415,7 @@ class GroupAcc:
             return acc
         for name, f in doc["features"].items():
             if f["type"] == "numeric":
-                acc.num[name] = [
-                    np.asarray(f["counts"], np.int64),
-                    np.array(
-                        [
-                            f["n"],
-                            f["sum"],
-                            f["sumsq"],
-                            np.inf if f["min"] is None else f["min"],
-                            -np.inf if f["max"] is None else f["max"],
-                            f["missing"],
-                            f["nan"],
-                            f["out_of_range"],
-                            f["wrong_type"],
-                        ],
-                        np.float64,
-                    ),
-                ]
+                acc.num[name] = _numeric_from_doc(f)
             else:
                 acc.cat[name] = [
                     np.asarray(f["counts"], np.int64),
@@ -433,7 +433,83 @@ class GroupAcc:
             lm["retrieval_hits"],
             Counter(lm["flags"]),
         ]
+        acc.prompts = {
+            pv: [int(d["n"]), {k: _numeric_from_doc(f) for k, f in d["signals"].items()}]
+            for pv, d in lm.get("prompts", {}).items()
+        }
         return acc
+
+
+def _new_numeric(p: NumPlan) -> list[Any]:
+    return [
+        np.zeros(p.edges.shape[0] + 1, np.int64),
+        np.array([0, 0.0, 0.0, np.inf, -np.inf, 0, 0, 0, 0], np.float64),
+    ]
+
+
+def _fold_numeric(p: NumPlan, vals: list[Any], hist: IntArray, acc: FloatArray) -> None:
+    """Fold raw values (None = missing) into a numeric histogram + moments accumulator."""
+    arr, missing, wrong = _to_numeric(vals)
+    fin = arr[np.isfinite(arr)]
+    if p.edges.shape[0]:
+        hist += numeric_bin_counts(p.edges, fin)[0]
+    else:
+        hist[0] += fin.shape[0]
+    n, tot, sq, mn, mx = _moments(fin)
+    acc[_N] += n
+    acc[_SUM] += tot
+    acc[_SQ] += sq
+    acc[_MIN] = min(acc[_MIN], mn)
+    acc[_MAX] = max(acc[_MAX], mx)
+    acc[_MISS] += missing
+    acc[_NAN] += arr.shape[0] - fin.shape[0] - missing - wrong
+    acc[_WT] += wrong
+    acc[_OOR] += int(np.count_nonzero((fin < p.lo) | (fin > p.hi)))
+
+
+def _llm_values(name: str, infos: Sequence[LLMInfo]) -> list[Any]:
+    """Values of one LLM signal (flags: 1.0 when set and true, else 0.0)."""
+    if name.startswith("llm.flags."):
+        flag = name[len("llm.flags.") :]
+        return [1.0 if i.flags and i.flags.get(flag) else 0.0 for i in infos]
+    attr = name[len("llm.") :]
+    return [getattr(i, attr) for i in infos]
+
+
+def _numeric_doc(hist: IntArray, a: FloatArray) -> dict[str, Any]:
+    return {
+        "type": "numeric",
+        "counts": hist.tolist(),
+        "n": int(a[_N]),
+        "sum": float(a[_SUM]),
+        "sumsq": float(a[_SQ]),
+        "min": float(a[_MIN]) if a[_N] else None,
+        "max": float(a[_MAX]) if a[_N] else None,
+        "missing": int(a[_MISS]),
+        "nan": int(a[_NAN]),
+        "out_of_range": int(a[_OOR]),
+        "wrong_type": int(a[_WT]),
+    }
+
+
+def _numeric_from_doc(f: Mapping[str, Any]) -> list[Any]:
+    return [
+        np.asarray(f["counts"], np.int64),
+        np.array(
+            [
+                f["n"],
+                f["sum"],
+                f["sumsq"],
+                np.inf if f["min"] is None else f["min"],
+                -np.inf if f["max"] is None else f["max"],
+                f["missing"],
+                f["nan"],
+                f["out_of_range"],
+                f["wrong_type"],
+            ],
+            np.float64,
+        ),
+    ]
 
 
 def _num_or_none(v: object) -> float | None:
