@@ -32,18 +32,17 @@ whose return value is the exit code."""
 def add_service_commands(subparsers: Any, registrars: Sequence[Registrar]) -> None:
     """Wiring point for the service's subcommands.
 
-    The lead wires the Kafka worker here, e.g. in :func:`_service_registrars`::
-
-        from stream.worker import add_worker_commands
-        return [add_worker_commands]
+    The Kafka worker's commands come from :func:`_service_registrars`.
     """
     for register in registrars:
         register(subparsers)
 
 
 def _service_registrars() -> list[Registrar]:
-    """Registrars of ``driftline worker`` / ``driftline killswitch`` (none wired yet)."""
-    return []
+    """Registrars of ``driftline worker`` / ``driftline killswitch``."""
+    from stream.worker import add_worker_commands
+
+    return [add_worker_commands]
 
 
 def _positive(v: str) -> float:
