@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import yaml
@@ -563,7 +564,7 @@ class ServiceSettings:
     """
 
     kafka_bootstrap: str = "localhost:9092"
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = field(default="redis://localhost:6379/0", repr=False)  # may hold a password
     topics: Topics = field(default_factory=Topics)
     tick_s: float = 1.0
     allowed_lateness_s: float = 5.0
@@ -651,4 +652,21 @@ class ServiceSettings:
         out = asdict(self)
         for k in ("sasl_password", "api_token"):
             out[k] = None if out[k] is None else "***"
+        out["redis_url"] = redact_url(self.redis_url)
         return out
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and only that) replaced by ``***``.
+
+    >>> redact_url("rediss://driftline:s3cret@redis:6380/0")
+    'rediss://driftline:***@redis:6380/0'
+    >>> redact_url("redis://:s3cret@redis:6379/0"), redact_url("redis://redis:6379/0")
+    ('redis://:***@redis:6379/0', 'redis://redis:6379/0')
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

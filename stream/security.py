@@ -54,8 +54,6 @@ __all__ = [
     "driftline_acls",
     "faust_app_acls",
     "kafka_client_config",
-    "redact_url",
-    "redacted_settings",
     "redis_acl_rules",
     "ssl_context",
 ]
@@ -401,29 +399,3 @@ def redis_acl_rules(prefix: str = "dl", role: str = "store") -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- secrets in logs
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (and only that) replaced by ``***``.
-
-    >>> redact_url("rediss://driftline:s3cret@redis:6380/0")
-    'rediss://driftline:***@redis:6380/0'
-    >>> redact_url("redis://:s3cret@redis:6379/0"), redact_url("redis://redis:6379/0")
-    ('redis://:***@redis:6379/0', 'redis://redis:6379/0')
-    """
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def redacted_settings(settings: ServiceSettings) -> dict[str, Any]:
-    """:meth:`ServiceSettings.redacted` plus the Redis URL's password (which ``redacted``
-    and ``repr`` still show): what the worker should log at start."""
-    out = settings.redacted()
-    out["redis_url"] = redact_url(settings.redis_url)
-    return out

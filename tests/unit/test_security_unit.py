@@ -9,15 +9,13 @@ from typing import Any
 
 import pytest
 
-from stream.config import ConfigError, ServiceSettings, Topics
+from stream.config import ConfigError, ServiceSettings, Topics, redact_url
 from stream.security import (
     REDIS_STORE_COMMANDS,
     AclGrant,
     driftline_acls,
     faust_app_acls,
     kafka_client_config,
-    redact_url,
-    redacted_settings,
     redis_acl_rules,
 )
 
@@ -316,13 +314,13 @@ def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
-def test_redacted_settings_hide_every_secret() -> None:
+def test_redacted_and_repr_hide_every_secret() -> None:
     s = _settings(
         **SASL,
         DRIFTLINE_REDIS_URL="rediss://dl:RedisSecret@r:6380/0",
         DRIFTLINE_API_TOKEN="ApiSecret",
     )
-    shown = str(redacted_settings(s))
+    shown = str(s.redacted()) + repr(s)
     for secret in ("RedisSecret", "ApiSecret", "'pw'"):
         assert secret not in shown, secret
     assert "rediss://dl:***@r:6380/0" in shown
