@@ -11,22 +11,26 @@ protocol is exercised end to end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 import orjson
 
 from stream.config import ModelConfig, MonitorConfig, Topics
-from stream.engine import Detect, DetectOutput, Ingest, compile_plans, tune_gc
+from stream.engine import Detect, DetectOutput, Ingest, IngestOutput, compile_plans, tune_gc
 from stream.events import RawMessage
 from stream.policy import Finding
 from stream.profile import Profile, profile_for
-from stream.store import MemoryStore, OutMessage
+from stream.store import JoinResult, MemoryStore, OutMessage
+
+if TYPE_CHECKING:
+    from stream.metrics import Metrics
 
 
 def murmur2(data: bytes) -> int:
@@ -135,14 +139,21 @@ class EmbeddedRunner:
         bus: Bus | None = None,
         keep_findings: bool = False,
         on_detect: Callable[[Detect, DetectOutput], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``store`` / ``bus`` may be shared with an earlier runner: a new runner over the
         same store and bus is a restarted worker (claim, restore, republish, continue).
 
         ``keep_findings`` keeps every stage-2 evaluation in ``result.findings`` (reports);
         ``on_detect(detect, output)`` is called after each committed stage-2 batch (e.g. to
-        sample the sequential detectors' running statistics)."""
+        sample the sequential detectors' running statistics).
+
+        ``metrics`` (a :class:`stream.metrics.Metrics`) is fed exactly as the Kafka worker
+        feeds it: batches, checkpoints, ingest/join/detect outputs after each commit,
+        published messages, detector states, and after every drain the partitions, the
+        consumer lag (bus end − committed offset), readiness and the join-buffer size."""
         tune_gc()
+        self.metrics = metrics
         self.keep_findings = keep_findings
         self.on_detect = on_detect
         self.config = config
@@ -190,7 +201,49 @@ class EmbeddedRunner:
             self.gen_detect[p] = c2.generation
             self.detect[p].restore(c2.state)
             self._publish_now(c2.outbox)
+            if self.metrics is not None:
+                self.metrics.observe_detector_state(self.detect[p])
         self._claimed = True
+        self.report()
+
+    # ----------------------------------------------------------------- metrics
+
+    def _batch(self, stage: str, n: int) -> contextlib.AbstractContextManager[None]:
+        m = self.metrics
+        return m.batch(stage, n) if m is not None else contextlib.nullcontext()
+
+    def _checkpoint(self, stage: str) -> contextlib.AbstractContextManager[None]:
+        m = self.metrics
+        return m.checkpoint(stage) if m is not None else contextlib.nullcontext()
+
+    def _observe_ingest(self, out: IngestOutput, result: JoinResult) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_ingest(out)
+            self.metrics.observe_join(result)
+            self.metrics.set_join_pending(self.store.join_size())
+
+    def _observe_detect(self, det: Detect, out: DetectOutput) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_detect(out)
+            self.metrics.observe_detector_state(det)
+
+    def report(self) -> None:
+        """The periodic gauges of the worker: owned partitions, readiness, consumer lag
+        (messages on the bus after the committed offset) and the join-buffer size."""
+        m = self.metrics
+        if m is None:
+            return
+        m.set_assigned_partitions("ingest", self.partitions if self._claimed else 0)
+        m.set_assigned_partitions("detect", self.partitions if self._claimed else 0)
+        m.set_ready(self._claimed)
+        m.set_join_pending(self.store.join_size())
+        t = self.topics
+        for p in range(self.partitions):
+            for topic in (t.predictions, t.labels):
+                done = self.ingest[p].next_offset.get(topic, 0)
+                m.set_consumer_lag(topic, p, len(self.bus.logs[topic][p]) - done)
+            done = self.detect[p].next_offset.get(t.summaries, 0)
+            m.set_consumer_lag(t.summaries, p, len(self.bus.logs[t.summaries][p]) - done)
 
     def produce(self, topic: str, events: Iterable[Mapping[str, Any]]) -> None:
         """Publish events (one per message, key = request_id)."""
@@ -210,6 +263,8 @@ class EmbeddedRunner:
                 self.result.summaries += 1
             elif m.topic == self.topics.deadletter:
                 self.result.deadletters += 1
+        if msgs and self.metrics is not None:
+            self.metrics.observe_published(msgs)  # the bus "acknowledged" them
 
     async def _publish(self, stage: str, p: int, gen: int, msgs: Sequence[OutMessage]) -> None:
         self._publish_now(msgs)
@@ -231,22 +286,25 @@ class EmbeddedRunner:
         msgs = self._next_input(p)
         if not msgs:
             return 0
-        ing = self.ingest[p]
-        out = ing.process_raw(msgs, now)
-        self.clock = max(self.clock, ing.watermark)
-        result = await self.store.commit(
-            "ingest",
-            p,
-            self.gen_ingest[p],
-            state=ing.snapshot(),
-            next_offset=out.next_offset,
-            outbox=out.messages,
-            join_ops=out.join_ops,
-        )
-        ing.absorb(result)
-        self.result.accepted += out.accepted
-        self.result.commits += 1
-        await self._publish("ingest", p, self.gen_ingest[p], out.messages)
+        with self._batch("ingest", len(msgs)):
+            ing = self.ingest[p]
+            out = ing.process_raw(msgs, now)
+            self.clock = max(self.clock, ing.watermark)
+            with self._checkpoint("ingest"):
+                result = await self.store.commit(
+                    "ingest",
+                    p,
+                    self.gen_ingest[p],
+                    state=ing.snapshot(),
+                    next_offset=out.next_offset,
+                    outbox=out.messages,
+                    join_ops=out.join_ops,
+                )
+            ing.absorb(result)
+            self._observe_ingest(out, result)
+            self.result.accepted += out.accepted
+            self.result.commits += 1
+            await self._publish("ingest", p, self.gen_ingest[p], out.messages)
         return len(msgs)
 
     async def flush_ingest(self, p: int, now: float | None) -> None:
@@ -254,14 +312,16 @@ class EmbeddedRunner:
         out = ing.flush(now)
         if not out.messages:
             return
-        await self.store.commit(
-            "ingest",
-            p,
-            self.gen_ingest[p],
-            state=ing.snapshot(),
-            next_offset=out.next_offset,
-            outbox=out.messages,
-        )
+        with self._checkpoint("ingest"):
+            result = await self.store.commit(
+                "ingest",
+                p,
+                self.gen_ingest[p],
+                state=ing.snapshot(),
+                next_offset=out.next_offset,
+                outbox=out.messages,
+            )
+        self._observe_ingest(out, result)
         self.result.commits += 1
         await self._publish("ingest", p, self.gen_ingest[p], out.messages)
 
@@ -271,16 +331,24 @@ class EmbeddedRunner:
         recs = self.bus.read(self.topics.summaries, p, off, self.batch_size)
         if not recs:
             return 0
-        out = det.process_raw((r.offset, r.value) for r in recs)
-        await self.store.commit(
-            "detect",
-            p,
-            self.gen_detect[p],
-            state=det.snapshot(),
-            next_offset=out.next_offset,
-            outbox=out.messages,
-            killswitch=out.killswitch,
-        )
+        with self._batch("detect", len(recs)):
+            out = det.process_raw((r.offset, r.value) for r in recs)
+            with self._checkpoint("detect"):
+                await self.store.commit(
+                    "detect",
+                    p,
+                    self.gen_detect[p],
+                    state=det.snapshot(),
+                    next_offset=out.next_offset,
+                    outbox=out.messages,
+                    killswitch=out.killswitch,
+                )
+            self._observe_detect(det, out)
+            self._detect_committed(p, det, out)
+            await self._publish("detect", p, self.gen_detect[p], out.messages)
+        return len(recs)
+
+    def _detect_committed(self, p: int, det: Detect, out: DetectOutput) -> None:
         self.result.commits += 1
         self.result.alerts.extend(out.alerts)
         self.result.commands.extend(out.commands)
@@ -288,8 +356,6 @@ class EmbeddedRunner:
             self.result.findings.extend(out.findings)
         if self.on_detect is not None:
             self.on_detect(det, out)
-        await self._publish("detect", p, self.gen_detect[p], out.messages)
-        return len(recs)
 
     async def drain(self, now: float, on_progress: Callable[[], None] | None = None) -> None:
         """Process everything on the bus (stage 1 on all partitions, then stage 2)."""
@@ -304,6 +370,7 @@ class EmbeddedRunner:
             if on_progress is not None:
                 on_progress()
             if not moved:
+                self.report()
                 return
 
     async def finish(self, now: float) -> None:
@@ -318,15 +385,17 @@ class EmbeddedRunner:
         p = partition_for(model_id.encode(), self.partitions)
         det = self.detect[p]
         out = det.manual(model_id, action, now, **kw)
-        await self.store.commit(
-            "detect",
-            p,
-            self.gen_detect[p],
-            state=det.snapshot(),
-            next_offset=det.next_offset,
-            outbox=out.messages,
-            killswitch=out.killswitch,
-        )
+        with self._checkpoint("detect"):
+            await self.store.commit(
+                "detect",
+                p,
+                self.gen_detect[p],
+                state=det.snapshot(),
+                next_offset=det.next_offset,
+                outbox=out.messages,
+                killswitch=out.killswitch,
+            )
+        self._observe_detect(det, out)
         self.result.commands.extend(out.commands)
         await self._publish("detect", p, self.gen_detect[p], out.messages)
         return out.commands[0]

@@ -220,7 +220,8 @@ class MemoryStore:
         )
 
     def _check(self, p: _Partition, stage: str, partition: int, generation: int) -> None:
-        if generation != p.generation:
+        # a partition nobody claimed is fenced for every generation, as in RedisStore
+        if p.owner is None or generation != p.generation:
             raise Fenced(
                 f"{stage}/{partition}: generation {generation} is stale "
                 f"(current {p.generation}, owner {p.owner!r})"

@@ -22,11 +22,21 @@ Kafka's own documentation prescribes for external offsets: a plain aiokafka cons
 stage with a :class:`~aiokafka.abc.ConsumerRebalanceListener` that claims each assigned
 partition in Redis (fencing), restores the engine and seeks to the stored offsets.
 
+faust-streaming remains the service framework: ``driftline worker`` runs these stage
+runners inside a faust App (:mod:`stream.app`) as a faust service, with ``/healthz``,
+``/readyz`` and ``/metrics`` as faust views; faust's own consumer and producer are not
+started, so faust never touches the input topics or the consumer groups. :class:`Worker`
+can also run without faust (tests, :func:`run_worker`), serving the same endpoints itself.
+
 What the FIELD-NOTES ask of faust still holds here: one batch at a time per stage
 (concurrency 1), static group membership (``group_instance_id``), ``RangePartitionAssignor``
 so that predictions-p and labels-p (co-partitioned by ``request_id``) go to the same worker,
-and our own HTTP endpoints bound to the configured address (``/healthz``, ``/readyz``,
-``/metrics``) instead of faust's web server.
+and HTTP endpoints bound to the configured address only (no ``/table``, ``/router``).
+
+Metrics: :class:`stream.metrics.Metrics` is fed after each successful commit (a batch
+re-processed after a failed commit is counted once), after broker acks, on claims and
+revokes, and every ``metrics_interval_s`` (consumer lag = high watermark − Redis
+checkpoint, owned partitions, readiness, store round trips); see docs/observability.md.
 
 Per stage-1 batch (records from ``getmany`` gathered for up to ``batch_within_s`` or
 ``batch_size`` records, like faust's ``stream.take``)::
@@ -75,11 +85,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from stream.config import MonitorConfig, ServiceSettings, Topics, load_config
 from stream.detect import Detect, DetectOutput
-from stream.engine import Ingest, compile_plans
+from stream.engine import Ingest, IngestOutput, compile_plans, tune_gc
 from stream.events import RawMessage
+from stream.metrics import Metrics
 from stream.profile import Profile, profile_for
 from stream.redis_store import RedisStore
 from stream.store import Fenced, JoinResult, OutMessage, StateStore
@@ -109,6 +121,7 @@ class WorkerOptions:
     max_future_s: float = 300.0
     max_message_bytes: int = 1 << 20
     session_timeout_ms: int = 30_000
+    metrics_interval_s: float = 1.0  # consumer lag, partitions, readiness, store counters
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerOptions:
@@ -151,7 +164,7 @@ def kafka_client_kwargs(settings: ServiceSettings) -> dict[str, Any]:
 
 @dataclass
 class WorkerStats:
-    """Counters for tests and the placeholder metrics endpoint."""
+    """In-process counters (tests, logs); Prometheus metrics are :class:`Metrics`."""
 
     counters: Counter[str] = field(default_factory=Counter)
     alerts: list[dict[str, Any]] = field(default_factory=list)
@@ -165,11 +178,18 @@ class WorkerStats:
 
 
 class Publisher:
-    """Sends outbox messages and waits for the broker's acks (retrying until they land)."""
+    """Sends outbox messages and waits for the broker's acks (retrying until they land);
+    acknowledged messages are counted in ``metrics`` (``driftline_messages_published``)."""
 
-    def __init__(self, producer: AIOKafkaProducer, backoff_s: tuple[float, float] = (0.1, 5.0)):
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        backoff_s: tuple[float, float] = (0.1, 5.0),
+        metrics: Metrics | None = None,
+    ):
         self.producer = producer
         self.backoff_s = backoff_s
+        self.metrics = metrics
 
     async def publish(self, msgs: Sequence[OutMessage]) -> None:
         if not msgs:
@@ -179,6 +199,8 @@ class Publisher:
             try:
                 futs = [await self.producer.send(m.topic, value=m.value, key=m.key) for m in msgs]
                 await asyncio.gather(*futs)
+                if self.metrics is not None:
+                    self.metrics.observe_published(msgs)
                 return
             except KafkaError as err:
                 log.warning(
@@ -218,6 +240,7 @@ class StageRunner:
         self.opts = worker.opts
         self.store: StateStore = worker.store
         self.stats = worker.stats
+        self.metrics: Metrics = worker.metrics
         self.input_topics = list(topics)
         self.group_id = group_id
         self.lock = asyncio.Lock()
@@ -230,6 +253,7 @@ class StageRunner:
         self.seeks: dict[TopicPartition, int] = {}  # last seek per partition (observability)
         self._last_kafka_commit = 0.0
         self._kafka_committed: dict[TopicPartition, int] = {}
+        self._lag_base: dict[TopicPartition, int] = {}  # start of never-checkpointed partitions
         self.owner = worker.owner
 
     # ----------------------------------------------------------------- lifecycle
@@ -267,7 +291,9 @@ class StageRunner:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
             for p in sorted({tp.partition for tp in revoked}):
+                self._release_metrics(p)
                 self._drop(p)
+            self.metrics.set_assigned_partitions(self.stage, len(self.owned()))
             log.info(
                 "%s: revoked partitions %s", self.stage, sorted({tp.partition for tp in revoked})
             )
@@ -301,6 +327,8 @@ class StageRunner:
                 [self.generation.get(p) for p in parts],
             )
             self.assigned_once.set()
+            self.metrics.set_assigned_partitions(self.stage, len(self.owned()))
+            self.metrics.set_ready(self.worker.ready)
 
     async def _claim(self, p: int) -> None:
         assert self.consumer is not None
@@ -343,6 +371,7 @@ class StageRunner:
                 self.stage, p, claim.generation, [m.id for m in claim.outbox]
             )
             self.stats.inc(f"{self.stage}_republished", len(claim.outbox))
+        self._claimed_metrics(p)
 
     def _fence(self, p: int, err: Exception) -> None:
         log.error(
@@ -353,6 +382,7 @@ class StageRunner:
             err,
         )
         self.stats.inc(f"{self.stage}_fenced")
+        self._release_metrics(p)
         self._drop(p)
         self.fenced.add(p)
         if self.consumer is not None:
@@ -380,7 +410,8 @@ class StageRunner:
                 records = await self._take(consumer, size, within)
                 async with self.lock:
                     if records:
-                        await self.process(records)
+                        with self.metrics.batch(self.stage, sum(map(len, records.values()))):
+                            await self.process(records)
                     await self.on_idle()
                 # outside the lock: a Kafka commit must never wait on a rebalance callback
                 await self._maybe_commit_kafka()
@@ -456,6 +487,46 @@ class StageRunner:
             self._kafka_committed.update(offsets)
         except KafkaError as err:  # informational only
             log.debug("%s: kafka offset commit skipped (%s)", self.stage, err)
+
+    # ----------------------------------------------------------------- metrics
+
+    async def _checkpoint(self, p: int, **kw: Any) -> JoinResult:
+        """One timed ``store.commit`` of partition ``p`` (errors counted by class)."""
+        with self.metrics.checkpoint(self.stage):
+            return await self.store.commit(self.stage, p, self.generation[p], **kw)
+
+    def _release_metrics(self, p: int) -> None:
+        """Partition ``p`` left this worker: drop its lag series (its new owner reports)."""
+        for topic in self.input_topics:
+            self.metrics.clear_consumer_lag(topic, p)
+
+    def _claimed_metrics(self, p: int) -> None:
+        """Hook after a successful claim of partition ``p``."""
+        return None
+
+    async def report(self) -> None:
+        """Consumer lag (high watermark − Redis checkpoint) per owned partition, and the
+        number of owned partitions."""
+        consumer = self.consumer
+        owned = self.owned()
+        self.metrics.set_assigned_partitions(self.stage, len(owned))
+        if consumer is None:
+            return
+        tps = [tp for tp in consumer.assignment() if tp.partition in owned]
+        unknown = [tp for tp in tps if tp not in self._checkpointed and tp not in self._lag_base]
+        if unknown and self.opts.start_from == "earliest":
+            # never checkpointed: it starts at the beginning of the log
+            try:
+                begin = await asyncio.wait_for(consumer.beginning_offsets(unknown), 5.0)
+            except (KafkaError, TimeoutError) as err:
+                log.debug("%s: beginning offsets unavailable (%r)", self.stage, err)
+            else:
+                self._lag_base.update({tp: int(off) for tp, off in begin.items()})
+        for tp in tps:
+            hw = consumer.highwater(tp)
+            done = self._checkpointed.get(tp, self._lag_base.get(tp))
+            if hw is not None and done is not None:
+                self.metrics.set_consumer_lag(tp.topic, tp.partition, hw - done)
 
     # ----------------------------------------------------------------- subclass API
 
@@ -548,14 +619,12 @@ class IngestRunner(StageRunner):
             if eng is not None and eng.watermark != float("-inf"):
                 self._base[p] = (eng.watermark, time.monotonic())
 
-    async def _commit_publish(self, outs: Mapping[int, Any]) -> None:
+    async def _commit_publish(self, outs: Mapping[int, IngestOutput]) -> None:
         parts = list(outs)
         results = await asyncio.gather(
             *[
-                self.store.commit(
-                    "ingest",
+                self._checkpoint(
                     p,
-                    self.generation[p],
                     state=self.engines[p].snapshot(),
                     next_offset=outs[p].next_offset,
                     outbox=outs[p].messages,
@@ -574,6 +643,9 @@ class IngestRunner(StageRunner):
                 await self._recover(p, res)  # type: ignore[arg-type]
                 continue
             self.engines[p].absorb(res)
+            # observed after the commit: a batch re-processed after a failure counts once
+            self.metrics.observe_ingest(outs[p])
+            self.metrics.observe_join(res)
             self.stats.inc("commits")
             self.stats.inc("pairs_joined", len(res.pairs))
             for topic, off in outs[p].next_offset.items():
@@ -701,12 +773,22 @@ class DetectRunner(StageRunner):
         total.next_offset = dict(det.next_offset)
         return total
 
+    def _release_metrics(self, p: int) -> None:
+        super()._release_metrics(p)
+        det = self.engines.get(p)
+        if det is not None:  # only the owner of a model reports its kill switch
+            for model_id in det.models:
+                self.metrics.observe_killswitch_active(model_id, False, None)
+
+    def _claimed_metrics(self, p: int) -> None:
+        det = self.engines.get(p)
+        if det is not None:  # restored kill-switch states and CUSUM statistics
+            self.metrics.observe_detector_state(det)
+
     async def _commit_publish(self, p: int, det: Detect, out: DetectOutput) -> None:
         try:
-            await self.store.commit(
-                "detect",
+            await self._checkpoint(
                 p,
-                self.generation[p],
                 state=det.snapshot(),
                 next_offset=out.next_offset,
                 outbox=out.messages,
@@ -719,6 +801,8 @@ class DetectRunner(StageRunner):
             await self._recover(p, err)
             return
         self.stats.inc("commits")
+        self.metrics.observe_detect(out)
+        self.metrics.observe_detector_state(det)
         for topic, off in out.next_offset.items():
             self._checkpointed[TopicPartition(topic, p)] = off
         self.stats.alerts.extend(out.alerts)
@@ -759,6 +843,7 @@ def _merge(total: DetectOutput, out: DetectOutput) -> None:
     total.messages.extend(out.messages)
     total.alerts.extend(out.alerts)
     total.commands.extend(out.commands)
+    total.findings.extend(out.findings)
     total.killswitch.update(out.killswitch)
     total.applied += out.applied
     total.duplicates += out.duplicates
@@ -780,7 +865,14 @@ class Worker:
         profiles: Mapping[str, Profile | None] | None = None,
         store: StateStore | None = None,
         clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+        serve_web: bool = True,
     ) -> None:
+        """``registry``: where the ``driftline_*`` metrics are registered and served from
+        on ``/metrics`` (default: a new registry with the process and GC collectors).
+        ``serve_web``: serve ``/healthz``, ``/readyz``, ``/metrics`` on ``web_bind`` from
+        here (False when a faust App serves them, see :mod:`stream.app`)."""
+        self.serve_web = serve_web
         self.config = config
         self.settings = settings
         self.opts = opts or WorkerOptions()
@@ -797,6 +889,16 @@ class Worker:
             f"{self.opts.instance_id or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
         self.stats = WorkerStats()
+        if registry is None:
+            from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
+        self.metrics = Metrics(config, registry, plans=self.plans, topics=self.topics)
+        self._reporter: asyncio.Task[None] | None = None
         self.producer: AIOKafkaProducer | None = None
         self.publisher: Publisher
         self.stages: list[StageRunner] = []
@@ -805,6 +907,7 @@ class Worker:
 
     async def start(self) -> None:
         """Start the producer, both stage consumers and the HTTP endpoints."""
+        tune_gc()  # stage 1's hot path: 30-40 % of its time is cyclic GC otherwise
         await self._check_topics()
         if isinstance(self.store, RedisStore):
             await self.store.ping()  # waits (with backoff) while Redis is down
@@ -817,16 +920,19 @@ class Worker:
             **kafka_client_kwargs(self.settings),
         )
         await self.producer.start()
-        self.publisher = Publisher(self.producer)
+        self.publisher = Publisher(self.producer, metrics=self.metrics)
         if "ingest" in self.opts.stages:
             self.stages.append(IngestRunner(self))
         if "detect" in self.opts.stages:
             self.stages.append(DetectRunner(self))
         for s in self.stages:
             await s.start()
-        if self.settings.web_bind:
+        if self.settings.web_bind and self.serve_web:
             await self._start_web()
         self.started = True
+        self.metrics.set_up(True)
+        self.metrics.set_ready(self.ready)
+        self._reporter = asyncio.create_task(self._report_loop(), name="driftline-metrics")
         log.info(
             "driftline worker %s started: stages %s, settings %s",
             self.owner,
@@ -836,6 +942,13 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop consuming (the last batch finishes), then the producer and the store."""
+        self.metrics.set_up(False)
+        self.metrics.set_ready(False)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+            self._reporter = None
         for s in self.stages:
             await s.stop()
         if self.producer is not None:
@@ -855,30 +968,28 @@ class Worker:
     def ready(self) -> bool:
         return self.started and all(s.assigned_once.is_set() for s in self.stages)
 
-    async def _check_topics(self) -> None:
-        """Every topic exists; predictions and labels have equal partition counts."""
-        from aiokafka.admin import AIOKafkaAdminClient
+    async def report(self) -> None:
+        """Set the periodic gauges: consumer lag, owned partitions, readiness, store
+        counters (called every ``metrics_interval_s``; tests may call it directly)."""
+        self.metrics.set_ready(self.ready)
+        self.metrics.observe_store_counters(
+            int(getattr(self.store, "round_trips", 0)), int(getattr(self.store, "retries", 0))
+        )
+        for s in self.stages:
+            await s.report()
 
-        admin = AIOKafkaAdminClient(**kafka_client_kwargs(self.settings))
-        await admin.start()
-        try:
-            t = self.topics
-            names = [t.predictions, t.labels, t.summaries, t.alerts, t.control, t.deadletter]
-            described = {d["topic"]: d for d in await admin.describe_topics(names)}
-            counts = {}
-            for name in names:
-                d = described.get(name)
-                if d is None or d.get("error_code") or not d.get("partitions"):
-                    raise ValueError(f"topic {name!r} does not exist (create it first)")
-                counts[name] = len(d["partitions"])
-            if counts[t.predictions] != counts[t.labels]:
-                raise ValueError(
-                    f"topics: {t.predictions!r} has {counts[t.predictions]} partitions and "
-                    f"{t.labels!r} has {counts[t.labels]}; they must be equal (labels join "
-                    "predictions by request_id in the same partition)"
-                )
-        finally:
-            await admin.close()
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                await self.report()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # metrics must never stop the worker
+                log.exception("metrics report failed; continuing")
+            await asyncio.sleep(self.opts.metrics_interval_s)
+
+    async def _check_topics(self) -> None:
+        await check_topics(self.settings)
 
     async def _start_web(self) -> None:
         from aiohttp import web
@@ -894,11 +1005,9 @@ class Worker:
             )
 
         async def metrics(_: web.Request) -> web.Response:
-            lines = ["# placeholder: real Prometheus metrics are a later issue"]
-            for k, v in sorted(self.stats.counters.items()):
-                name = "driftline_worker_" + "".join(c if c.isalnum() else "_" for c in k)
-                lines.append(f"{name} {v}")
-            return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            return web.Response(
+                body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
 
         app = web.Application()
         app.router.add_get("/healthz", healthz)
@@ -911,6 +1020,46 @@ class Worker:
         await site.start()
         self._web = runner
         self.web_port = runner.addresses[0][1] if runner.addresses else int(port)
+
+
+async def check_topics(settings: ServiceSettings) -> None:
+    """Every topic exists (never creating one); predictions and labels have equal partition
+    counts. Raises :class:`ValueError` naming the missing or mismatched topics."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        t = settings.topics
+        names = [t.predictions, t.labels, t.summaries, t.alerts, t.control, t.deadletter]
+        # list first: naming a missing topic in a metadata request (describe_topics)
+        # makes a broker with auto.create.topics.enable=true create it, 1 partition
+        existing = set(await admin.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        if missing:
+            raise ValueError(
+                f"topics do not exist: {', '.join(repr(n) for n in missing)} (create them "
+                "first, e.g. with k8s/components/topics/create_topics.py; the worker never "
+                "creates topics)"
+            )
+        described = {d["topic"]: d for d in await admin.describe_topics(names)}
+        counts = {}
+        for name in names:
+            d = described.get(name)
+            if d is None or d.get("error_code") or not d.get("partitions"):
+                raise ValueError(
+                    f"topic {name!r} cannot be described (error code "
+                    f"{None if d is None else d.get('error_code')}); check its ACLs"
+                )
+            counts[name] = len(d["partitions"])
+        if counts[t.predictions] != counts[t.labels]:
+            raise ValueError(
+                f"topics: {t.predictions!r} has {counts[t.predictions]} partitions and "
+                f"{t.labels!r} has {counts[t.labels]}; they must be equal (labels join "
+                "predictions by request_id in the same partition)"
+            )
+    finally:
+        await admin.close()
 
 
 # --------------------------------------------------------------------------- manual ops
@@ -1020,11 +1169,35 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = load_config(args.config or settings.config_path)
     opts = WorkerOptions.from_env()
     opts = WorkerOptions(**{**opts.__dict__, "stages": stages})
-    return asyncio.run(run_worker(config, settings, opts))
+    try:  # fail fast, with the topics named, before faust starts anything
+        asyncio.run(check_topics(settings))
+    except ValueError as err:
+        print(f"driftline worker: error: {err}", file=sys.stderr)
+        return 2
+    return run_app(config, settings, opts, loglevel=args.log_level)
+
+
+def run_app(
+    config: MonitorConfig, settings: ServiceSettings, opts: WorkerOptions, *, loglevel: str
+) -> int:
+    """Run the worker inside the faust-streaming App (:mod:`stream.app`) until SIGTERM /
+    SIGINT; exit code 0 on a clean stop."""
+    import faust
+
+    from stream.app import build_app
+
+    app = build_app(config, settings, opts)
+    fw = faust.Worker(app, loglevel=loglevel.upper(), quiet=True)
+    try:
+        fw.execute_from_commandline()
+    except SystemExit as done:
+        return int(done.code or 0) if not isinstance(done.code, str) else 1
+    return 0
 
 
 async def run_worker(config: MonitorConfig, settings: ServiceSettings, opts: WorkerOptions) -> int:
-    """Run until SIGTERM / SIGINT; exit code 0 on a clean stop."""
+    """Run without faust (plain asyncio) until SIGTERM / SIGINT; exit code 0 on a clean
+    stop. ``driftline worker`` uses :func:`run_app` (faust-streaming) instead."""
     worker = Worker(config, settings, opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka.admin import AdminClient
 
 from scripts.services import RedisService
 from stream.config import MonitorConfig, ServiceSettings, Topics
@@ -154,6 +155,18 @@ def _produce(env: Env, events: Iterator[tuple[str, dict[str, Any]]], per_msg: in
     assert sdk.dropped == 0 and sdk.delivery_errors == 0
     assert sdk.sent_events == n
     return n
+
+
+def _sample(body: str, name: str, **labels: str) -> float:
+    """Sum of the exposition's samples called ``name`` whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def _counted(summaries: list[dict[str, Any]]) -> tuple[int, int, int]:
@@ -345,7 +358,11 @@ def test_bad_inputs_go_to_deadletter_and_processing_continues(
                         assert (resp.status, (await resp.text()).strip()) == (status, text)
                 async with http.get(base + "/metrics") as resp:
                     body = await resp.text()
-                assert f"driftline_worker_events_accepted {len(good)}" in body
+                assert _sample(body, "driftline_events_accepted_total") == len(good)
+                rejected = _sample(body, "driftline_events_rejected_total")
+                assert rejected == worker.stats.counters["events_rejected"] >= len(bad)
+                assert _sample(body, "driftline_ready") == 1
+                assert _sample(body, "driftline_up") == 1
                 async with http.get(base + "/table") as resp:
                     assert resp.status == 404  # no faust web views exposed
             assert worker.stats.counters["ingest_batch_errors"] == 0
@@ -643,12 +660,16 @@ def test_an_unloadable_state_pauses_only_its_partition(
 def test_worker_process_sigkilled_mid_stream_then_replaced(
     env: Env, tmp_path: Any, unique_id: str
 ) -> None:
-    """``driftline worker`` as a process with examples/monitors.yaml: SIGKILL, replace, SIGTERM."""
+    """``driftline worker`` as a process with examples/monitors.yaml: SIGKILL, replace, SIGTERM.
+
+    The process is a faust-streaming App (stream/app.py) hosting the aiokafka stage runners:
+    faust serves the endpoints but consumes nothing, joins no group, creates no topic."""
     import os
     import signal
     import socket
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
 
     from scripts.services import REPO_ROOT
@@ -695,14 +716,13 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
                 return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
         except OSError:
             return 0, ""
 
-    def counter(name: str) -> int:
-        for line in http("/metrics")[1].splitlines():
-            if line.startswith(f"driftline_worker_{name} "):
-                return int(line.split()[1])
-        return 0
+    def counter(name: str, **labels: str) -> int:
+        return int(_sample(http("/metrics")[1], name, **labels))
 
     def wait_for(what: str, check: Callable[[], bool], limit_s: float, log: Any) -> None:
         deadline = time.monotonic() + limit_s
@@ -719,7 +739,12 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
     try:
         wait_for("A ready", lambda: http("/readyz")[0] == 200, 60, log_a)
         _produce(env, iter(first), 10)
-        wait_for("A's progress", lambda: counter("commits") >= 5, 60, log_a)
+        wait_for(
+            "A's progress",
+            lambda: counter("driftline_checkpoint_duration_seconds_count", stage="ingest") >= 5,
+            60,
+            log_a,
+        )
         a.send_signal(signal.SIGKILL)  # a crash: nothing flushed, nothing committed to Kafka
         assert a.wait(10) == -signal.SIGKILL
         _produce(env, iter(second), 10)
@@ -734,7 +759,18 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
         time.sleep(2.0)
         summaries.poll(1.0)
         assert _counted(summaries.values)[:2] == (len(preds), len(labels))
-        assert counter("events_accepted") > 0 and counter("events_rejected") == 0
+        assert counter("driftline_events_accepted_total") > 0
+        assert counter("driftline_events_rejected_total") == 0
+        assert http("/healthz")[0] == 200
+        for path in ("/table", "/router", "/graph"):  # faust's own views are off
+            assert http(path)[0] == 404, path
+        admin = AdminClient({"bootstrap.servers": env.bootstrap})
+        groups = {g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid}
+        ours = {g for g in groups if g.startswith(f"proc-{unique_id}")}
+        # only the stage runners' groups: faust's App consumes nothing under its own id
+        assert ours == {f"proc-{unique_id}-ingest", f"proc-{unique_id}-detect"}, ours
+        topics = set(admin.list_topics(timeout=10).topics)
+        assert not {x for x in topics if x.startswith(f"proc-{unique_id}")}, "faust made topics"
         b.send_signal(signal.SIGTERM)
         assert b.wait(30) == 0, log_b.read_text()[-3000:]
         assert "claimed partitions" in log_b.read_text()
@@ -752,12 +788,14 @@ def test_start_refuses_missing_or_mismatched_topics(
     cfg, profile = demo
     labels3 = topic_factory(3)
     mismatched = Topics(**{**env.topics.__dict__, "labels": labels3})
-    missing = Topics(**{**env.topics.__dict__, "control": f"nope-{env.uid}"})
+    missing = Topics(
+        **{**env.topics.__dict__, "control": f"nope-{env.uid}", "alerts": f"nope2-{env.uid}"}
+    )
 
     async def main() -> None:
         for topics, expected in (
             (mismatched, f"'{labels3}' has 3; they must be equal"),
-            (missing, f"topic 'nope-{env.uid}' does not exist"),
+            (missing, f"topics do not exist: 'nope2-{env.uid}', 'nope-{env.uid}'"),
         ):
             worker = Worker(
                 cfg, env.settings(topics=topics), env.opts(), profiles={"fraud": profile}
@@ -767,3 +805,10 @@ def test_start_refuses_missing_or_mismatched_topics(
             await worker.stop()
 
     asyncio.run(main())
+    # the check did not create them (the test broker has auto.create.topics.enable=true)
+    admin = AdminClient({"bootstrap.servers": env.bootstrap})
+    assert (
+        admin.list_topics(timeout=10)
+        .topics.keys()
+        .isdisjoint({f"nope-{env.uid}", f"nope2-{env.uid}"})
+    )

@@ -90,6 +90,25 @@ class StoreContract:
 
         run(body())
 
+    def test_unclaimed_partition_is_fenced(self, make_store: Factory) -> None:
+        async def body() -> None:
+            store = await make_store(FakeClock())
+            for gen in (0, 1):  # 0: what a worker holds before its first claim
+                with pytest.raises(Fenced):
+                    await store.commit(
+                        "ingest", 5, gen, state=b"x", next_offset={"t": 1}, join_ops=[park("u")]
+                    )
+                with pytest.raises(Fenced):
+                    await store.ack_outbox("ingest", 5, gen, ["a"])
+            c = await store.claim("ingest", 5, "owner")
+            assert (c.state, c.next_offset) == (None, None)  # nothing landed
+            r = await store.commit(
+                "ingest", 5, c.generation, state=b"", next_offset={}, join_ops=[label("u")]
+            )
+            assert r.outcomes[0].outcome == "early"  # the fenced park was not applied
+
+        run(body())
+
     # ----------------------------------------------------------------- commit / outbox
 
     def test_commit_persists_state_offsets_and_outbox_together(self, make_store: Factory) -> None:
