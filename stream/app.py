@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any, cast
 
 import faust
 from faust.app.base import BootStrategy
@@ -107,6 +108,9 @@ def build_app(
         web_metrics_enabled=False,
     )
     app.driftline = w
+    if web_enabled:  # the kill-switch API beside faust's views (same server, same bind)
+        web_app = cast(Any, app.web).web_app  # faust's aiohttp driver (faust.web.drivers)
+        web_app.add_subapp("/api/v1", w.api_app(prefix=""))
 
     @app.service
     class DriftlineStages(Service):

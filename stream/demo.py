@@ -785,12 +785,12 @@ def worker_module() -> Any:
         mod = importlib.import_module("stream.worker")
     except Exception as err:  # ImportError, or the module failing at import time
         raise DemoUnavailable(
-            f"not available yet: needs stream.worker ({type(err).__name__}: {err})"
+            f"not available: needs stream.worker ({type(err).__name__}: {err})"
         ) from None
     missing = [n for n in WORKER_API if not hasattr(mod, n)]
     if missing:
         raise DemoUnavailable(
-            f"not available yet: needs stream.worker with {', '.join(missing)} "
+            f"not available: needs stream.worker with {', '.join(missing)} "
             f"(required: {', '.join(WORKER_API)})"
         )
     return mod

@@ -991,6 +991,30 @@ class Worker:
     async def _check_topics(self) -> None:
         await check_topics(self.settings)
 
+    def api_app(self, prefix: str = "/api/v1") -> Any:
+        """The kill-switch HTTP API (:mod:`stream.api`) over this worker's producer and store,
+        as an aiohttp application with routes under ``prefix``. Mutations answer 403 unless
+        an API token is configured. Served on ``web_bind`` by :meth:`_start_web` or, under
+        ``driftline worker``, by the faust App (:mod:`stream.app`)."""
+        from stream.api import kafka_send_request, make_api, store_get_state
+
+        async def send(
+            model: str, action: str, target_version: str | None, reason: str, operator: str
+        ) -> str:
+            if self.producer is None:
+                raise RuntimeError("the worker has not started its producer yet")
+            request = kafka_send_request(self.producer, self.topics.summaries)
+            sent = request(model, action, target_version, reason, operator)
+            return sent if isinstance(sent, str) else await sent
+
+        return make_api(
+            self.settings,
+            send_request=send,
+            get_state=store_get_state(self.store),
+            models=self.config.models,
+            prefix=prefix,
+        )
+
     async def _start_web(self) -> None:
         from aiohttp import web
 
@@ -1009,7 +1033,7 @@ class Worker:
                 body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )
 
-        app = web.Application()
+        app = self.api_app()
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
@@ -1149,6 +1173,8 @@ def add_worker_commands(subparsers: Any) -> None:
         default=30.0,
         help="seconds to wait for the worker to apply it (0 = do not wait)",
     )
+    ks.add_argument("--api", default=None, help="worker URL: use the HTTP API, not Kafka")
+    ks.add_argument("--token-file", default=None, help="file holding the API token")
     ks.set_defaults(func=_cmd_killswitch)
 
 
@@ -1213,6 +1239,18 @@ async def run_worker(config: MonitorConfig, settings: ServiceSettings, opts: Wor
 
 
 def _cmd_killswitch(args: argparse.Namespace) -> int:
+    if args.api:
+        from stream.api import killswitch_cli
+
+        return killswitch_cli(
+            args.op,
+            args.model,
+            api=args.api,
+            token_file=args.token_file,
+            reason=args.reason,
+            target_version=args.target_version,
+            wait_s=args.wait,
+        )
     settings = ServiceSettings.from_env()
     opts = WorkerOptions.from_env()
 

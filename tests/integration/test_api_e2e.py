@@ -1,12 +1,11 @@
 """The kill-switch HTTP API (stream/api.py) beside a real worker on the real Kafka + Redis.
 
-The API is served by an aiohttp ``AppRunner`` on 127.0.0.1 next to the worker, wired the
-way the worker mounts it: ``send_request`` = :func:`stream.api.kafka_send_request` over
-the worker's own producer (the manual request of ``driftline killswitch`` on the summaries
-topic, keyed by model id), ``get_state`` = :func:`stream.api.store_get_state` over the
-worker's RedisStore (the kill-switch mirror). A trip over HTTP must reach the control
-topic and the Redis mirror, a release must release it, and a wrong token must change
-nothing.
+The API is the one the worker mounts on its own web server (``Worker.api_app``):
+``send_request`` = :func:`stream.api.kafka_send_request` over the worker's own producer
+(the manual request of ``driftline killswitch`` on the summaries topic, keyed by model
+id), ``get_state`` = :func:`stream.api.store_get_state` over the worker's RedisStore (the
+kill-switch mirror). A trip over HTTP must reach the control topic and the Redis mirror,
+a release must release it, and a wrong token must change nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from confluent_kafka import Consumer, KafkaError
 
-from stream.api import kafka_send_request, make_api, store_get_state
 from stream.config import ServiceSettings, Topics
 from stream.demo import demo_config
 from stream.worker import Worker, WorkerOptions
@@ -108,21 +105,9 @@ def test_trip_and_release_over_http_reach_control_topic_and_mirror(
         worker = Worker(cfg, settings, opts, profiles={"fraud": profile})
         await worker.start()
         control = TopicReader(kafka_bootstrap, topics.control)
-        runner: web.AppRunner | None = None
         try:
             await asyncio.wait_for(worker.wait_assigned(), 60)
-            assert worker.producer is not None
-            api = make_api(
-                settings,
-                send_request=kafka_send_request(worker.producer, topics.summaries),
-                get_state=store_get_state(worker.store),
-                models=cfg.models,
-            )
-            runner = web.AppRunner(api, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
+            port = worker.web_port  # the API is mounted on the worker's own server
             base = f"http://127.0.0.1:{port}/api/v1/killswitch/fraud"
             good = {"Authorization": f"Bearer {TOKEN}"}
             bad = {"Authorization": "Bearer not-the-token"}
@@ -206,8 +191,6 @@ def test_trip_and_release_over_http_reach_control_topic_and_mirror(
                 assert worker.stats.counters["manual_rejected"] == 0
         finally:
             control.close()
-            if runner is not None:
-                await runner.cleanup()
             await worker.stop()
 
     asyncio.run(main())

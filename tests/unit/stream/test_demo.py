@@ -235,7 +235,7 @@ def test_cli_demo_kafka_without_the_worker_says_so(
     rc = main(["demo", "--kafka", "localhost:9", "--redis", "redis://localhost:9/0"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "not available yet: needs stream.worker" in err
+    assert "not available: needs stream.worker" in err
 
 
 def test_worker_module_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

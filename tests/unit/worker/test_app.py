@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 
+from stream.api import make_api
 from stream.app import build_app, split_bind
 from stream.config import ServiceSettings
 from stream.demo import demo_config
@@ -36,6 +37,19 @@ class FakeWorker:
     async def stop(self) -> None:
         self.calls.append("stop")
         self.started = self.ready = False
+
+    def api_app(self, prefix: str = "/api/v1") -> Any:
+        async def get_state(model: str) -> dict[str, Any] | None:
+            return {"model_id": model, "active": True, "action": "rollback"}
+
+        async def send(*_: Any) -> str:
+            raise AssertionError("no token is configured: mutations must be refused")
+
+        cfg, _ = demo_config()
+        settings = _settings("127.0.0.1:1")
+        return make_api(
+            settings, send_request=send, get_state=get_state, models=cfg.models, prefix=prefix
+        )
 
 
 def _free_port() -> int:
@@ -93,7 +107,7 @@ def test_app_starts_no_faust_consumer_or_producer_and_serves_only_driftline_view
             return [
                 await loop.run_in_executor(None, _get, base + path)
                 for path in ("/healthz", "/readyz", "/metrics", "/table", "/router", "/graph")
-            ]
+            ] + [await loop.run_in_executor(None, _get, base + "/api/v1/killswitch/fraud")]
         finally:
             await app.stop()
 
@@ -102,7 +116,8 @@ def test_app_starts_no_faust_consumer_or_producer_and_serves_only_driftline_view
     assert "DriftlineStages" in children and "Web" in children
     kafka = {"Consumer", "Producer", "Conductor", "TableManager", "LeaderAssignor", "ReplyConsumer"}
     assert children.isdisjoint(kafka), children
-    health, ready, metrics, *faust_views = got
+    health, ready, metrics, *faust_views, api_status = got
+    assert api_status[0] == 200 and '"active":true' in api_status[2].replace(" ", "")
     assert health[::2] == (200, "ok\n") and ready[::2] == (200, "ready\n")
     assert metrics[0] == 200 and metrics[1] == CONTENT_TYPE_LATEST
     assert "driftline_probe_total 3.0" in metrics[2]
