@@ -25,54 +25,16 @@ import orjson
 from stream.config import ModelConfig, MonitorConfig, Topics
 from stream.engine import Detect, DetectOutput, Ingest, IngestOutput, compile_plans, tune_gc
 from stream.events import RawMessage
+from stream.partitioner import murmur2_partition
 from stream.policy import Finding
 from stream.profile import Profile, profile_for
-from stream.store import JoinResult, MemoryStore, OutMessage
+from stream.store import JoinOp, JoinResult, MemoryStore, OutMessage
 
 if TYPE_CHECKING:
     from stream.metrics import Metrics
 
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 hash (the Java client's default partitioner), as a signed 32-bit int.
-
-    Test vectors are those of Kafka's ``Utils.murmur2`` (as used in Akka's Murmur2Spec):
-
-    >>> [murmur2(s.encode()) for s in ("1", "12", "123", "1234", "12345")]
-    [-1993445489, 126087238, -267702483, -1614185708, -1188365604]
-    """
-    length = len(data)
-    seed = 0x9747B28C
-    m = 0x5BD1E995
-    r = 24
-    h = (seed ^ length) & 0xFFFFFFFF
-    n4 = length // 4
-    for i in range(n4):
-        i4 = i * 4
-        k = data[i4] | (data[i4 + 1] << 8) | (data[i4 + 2] << 16) | (data[i4 + 3] << 24)
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> r
-        k = (k * m) & 0xFFFFFFFF
-        h = (h * m) & 0xFFFFFFFF
-        h ^= k
-    extra = length % 4
-    idx = n4 * 4
-    if extra >= 3:
-        h ^= data[idx + 2] << 16
-    if extra >= 2:
-        h ^= data[idx + 1] << 8
-    if extra >= 1:
-        h ^= data[idx]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 15
-    return h - (1 << 32) if h & 0x80000000 else h
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """Kafka's default partition of a keyed message."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+partition_for = murmur2_partition
+"""Kafka's default partition of a keyed message (the producer SDK's partitioner)."""
 
 
 class BusRecord(NamedTuple):
@@ -290,16 +252,7 @@ class EmbeddedRunner:
             ing = self.ingest[p]
             out = ing.process_raw(msgs, now)
             self.clock = max(self.clock, ing.watermark)
-            with self._checkpoint("ingest"):
-                result = await self.store.commit(
-                    "ingest",
-                    p,
-                    self.gen_ingest[p],
-                    state=ing.snapshot(),
-                    next_offset=out.next_offset,
-                    outbox=out.messages,
-                    join_ops=out.join_ops,
-                )
+            result = await self._commit_ingest(p, ing, out, out.join_ops)
             ing.absorb(result)
             self._observe_ingest(out, result)
             self.result.accepted += out.accepted
@@ -312,18 +265,25 @@ class EmbeddedRunner:
         out = ing.flush(now)
         if not out.messages:
             return
+        result = await self._commit_ingest(p, ing, out)
+        self._observe_ingest(out, result)
+        self.result.commits += 1
+        await self._publish("ingest", p, self.gen_ingest[p], out.messages)
+
+    async def _commit_ingest(
+        self, p: int, ing: Ingest, out: IngestOutput, join_ops: Sequence[JoinOp] = ()
+    ) -> JoinResult:
+        """Stage 1's checkpoint of partition ``p``: state, offsets, outbox (+ join ops)."""
         with self._checkpoint("ingest"):
-            result = await self.store.commit(
+            return await self.store.commit(
                 "ingest",
                 p,
                 self.gen_ingest[p],
                 state=ing.snapshot(),
                 next_offset=out.next_offset,
                 outbox=out.messages,
+                join_ops=join_ops,
             )
-        self._observe_ingest(out, result)
-        self.result.commits += 1
-        await self._publish("ingest", p, self.gen_ingest[p], out.messages)
 
     async def step_detect(self, p: int) -> int:
         det = self.detect[p]
@@ -333,20 +293,27 @@ class EmbeddedRunner:
             return 0
         with self._batch("detect", len(recs)):
             out = det.process_raw((r.offset, r.value) for r in recs)
-            with self._checkpoint("detect"):
-                await self.store.commit(
-                    "detect",
-                    p,
-                    self.gen_detect[p],
-                    state=det.snapshot(),
-                    next_offset=out.next_offset,
-                    outbox=out.messages,
-                    killswitch=out.killswitch,
-                )
-            self._observe_detect(det, out)
+            await self._commit_detect(p, det, out, out.next_offset)
             self._detect_committed(p, det, out)
             await self._publish("detect", p, self.gen_detect[p], out.messages)
         return len(recs)
+
+    async def _commit_detect(
+        self, p: int, det: Detect, out: DetectOutput, next_offset: Mapping[str, int]
+    ) -> None:
+        """Stage 2's checkpoint of partition ``p`` (state, offsets, outbox, kill-switch
+        states), then its metrics."""
+        with self._checkpoint("detect"):
+            await self.store.commit(
+                "detect",
+                p,
+                self.gen_detect[p],
+                state=det.snapshot(),
+                next_offset=next_offset,
+                outbox=out.messages,
+                killswitch=out.killswitch,
+            )
+        self._observe_detect(det, out)
 
     def _detect_committed(self, p: int, det: Detect, out: DetectOutput) -> None:
         self.result.commits += 1
@@ -385,17 +352,7 @@ class EmbeddedRunner:
         p = partition_for(model_id.encode(), self.partitions)
         det = self.detect[p]
         out = det.manual(model_id, action, now, **kw)
-        with self._checkpoint("detect"):
-            await self.store.commit(
-                "detect",
-                p,
-                self.gen_detect[p],
-                state=det.snapshot(),
-                next_offset=det.next_offset,
-                outbox=out.messages,
-                killswitch=out.killswitch,
-            )
-        self._observe_detect(det, out)
+        await self._commit_detect(p, det, out, det.next_offset)
         self.result.commands.extend(out.commands)
         await self._publish("detect", p, self.gen_detect[p], out.messages)
         return out.commands[0]

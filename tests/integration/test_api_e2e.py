@@ -12,94 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError
 
-from stream.config import ServiceSettings, Topics
 from stream.demo import demo_config
-from stream.worker import Worker, WorkerOptions
+from stream.worker import Worker
 from tests.fixtures.services import TopicFactory
+from tests.fixtures.worker_harness import TopicReader, make_env, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 TOKEN = "e2e-token-5d1c0b8f3a"
 
 
-class TopicReader:
-    """Reads a topic from the beginning (confluent-kafka), for assertions."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"reader-{topic}-{time.monotonic_ns()}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-        self.consumer.subscribe([topic])
-        self.values: list[dict[str, Any]] = []
-
-    def poll(self, seconds: float = 0.2) -> list[dict[str, Any]]:
-        for msg in self.consumer.consume(num_messages=1000, timeout=seconds):
-            err = msg.error()
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                raise AssertionError(f"consume error: {err}")
-            if err is None:
-                self.values.append(orjson.loads(msg.value() or b"null"))
-        return self.values
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-async def _until(
-    what: str, check: Callable[[], bool], limit_s: float, poll: Callable[[], object] | None = None
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + limit_s
-    while True:
-        if poll is not None:
-            await loop.run_in_executor(None, poll)
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
 def test_trip_and_release_over_http_reach_control_topic_and_mirror(
     kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str
 ) -> None:
-    def make(kind: str, partitions: int, **config: str) -> str:
-        return topic_factory(partitions, name=f"api-{unique_id}-{kind}", config=config)
-
-    topics = Topics(
-        predictions=make("predictions", 2),
-        labels=make("labels", 2),
-        summaries=make("summaries", 2),
-        alerts=make("alerts", 1),
-        control=make("control", 1, **{"cleanup.policy": "compact"}),
-        deadletter=make("deadletter", 1),
-    )
+    env = make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "api")
+    topics = env.topics
     cfg, profile = demo_config()
-    settings = ServiceSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
-        topics=topics,
-        web_bind="127.0.0.1:0",
-        api_token=TOKEN,
-    )
-    opts = WorkerOptions(
-        group_prefix=f"api-{unique_id}",
-        instance_id=f"w-{unique_id}",
-        redis_prefix=f"api{unique_id}",
-    )
+    settings = env.settings(fast=False, api_token=TOKEN)
+    opts = env.opts()
 
     async def main() -> None:
         worker = Worker(cfg, settings, opts, profiles={"fraud": profile})
@@ -143,8 +79,8 @@ def test_trip_and_release_over_http_reach_control_topic_and_mirror(
                 async with http.post(f"{base}/trip", json=trip, headers=good) as resp:
                     assert resp.status == 202
                     trip_id = (await resp.json())["request_id"]
-                await _until("the trip on the control topic", lambda: bool(control.values),
-                             30, control.poll)  # fmt: skip
+                await until("the trip on the control topic", lambda: bool(control.values),
+                            30, control.poll)  # fmt: skip
                 print(f"\ntrip over HTTP → control topic in {time.perf_counter() - t0:.2f} s")
                 [cmd] = control.values
                 assert (cmd["model_id"], cmd["action"], cmd["target_version"], cmd["mode"]) == (
@@ -174,8 +110,8 @@ def test_trip_and_release_over_http_reach_control_topic_and_mirror(
                     f"{base}/release", json={"reason": "e2e release"}, headers=good
                 ) as resp:
                     assert resp.status == 202
-                await _until("the release on the control topic",
-                             lambda: len(control.values) == 2, 30, control.poll)  # fmt: skip
+                await until("the release on the control topic",
+                            lambda: len(control.values) == 2, 30, control.poll)  # fmt: skip
                 rel = control.values[-1]
                 assert (rel["model_id"], rel["action"], rel["mode"]) == (
                     "fraud",

@@ -22,12 +22,11 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 
-from stream.config import ServiceSettings, Topics
 from stream.demo import demo_config
 from stream.scenario import END, generate
-from stream.sdk import DriftlineProducer
-from stream.worker import Worker, WorkerOptions
+from stream.worker import Worker
 from tests.fixtures.services import PrometheusFactory, PrometheusHandle, TopicFactory
+from tests.fixtures.worker_harness import interleaved, make_env, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -97,24 +96,6 @@ def produce_bad(bootstrap: str, topic: str) -> None:
     assert p.flush(30) == 0
 
 
-def produce(bootstrap: str, topics: Topics, preds: list[Any], labels: list[Any]) -> None:
-    sdk = DriftlineProducer(
-        bootstrap,
-        predictions_topic=topics.predictions,
-        labels_topic=topics.labels,
-        max_queue=1_000_000,
-        batch_events=200,
-    )
-    tagged = sorted(
-        [(p["ts"], 0, "prediction", p) for p in preds]
-        + [(lab["ts"], 1, "label", lab) for lab in labels],
-        key=lambda x: (x[0], x[1]),
-    )
-    for _, _, kind, ev in tagged:
-        assert sdk.log_event(kind, ev)
-    assert sdk.close(60) == 0
-
-
 def wait(prom: PrometheusHandle, what: str, expr: str, ok: Any, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -133,35 +114,11 @@ def test_metrics_end_to_end(
     unique_id: str,
     prometheus: PrometheusFactory,
 ) -> None:
-    def make(kind: str, partitions: int, **config: str) -> str:
-        return topic_factory(partitions, name=f"met-{unique_id}-{kind}", config=config)
-
-    topics = Topics(
-        predictions=make("predictions", 2),
-        labels=make("labels", 2),
-        summaries=make("summaries", 2),
-        alerts=make("alerts", 1),
-        control=make("control", 1, **{"cleanup.policy": "compact"}),
-        deadletter=make("deadletter", 1),
-    )
+    env = make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "met")
     cfg, profile = demo_config()
     preds, labels = generate(rate=100.0, seed=11, start=time.time() - END - 120.0)
-    settings = ServiceSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
-        topics=topics,
-        tick_s=1.0,
-        allowed_lateness_s=2.0,
-        batch_size=5000,
-        batch_within_s=0.1,
-        web_bind="127.0.0.1:0",
-    )
-    opts = WorkerOptions(
-        group_prefix=f"met-{unique_id}",
-        instance_id=f"w-{unique_id}",
-        redis_prefix=f"met{unique_id}",
-        metrics_interval_s=0.5,
-    )
+    settings = env.settings()
+    opts = env.opts(metrics_interval_s=0.5)
     worker = Worker(cfg, settings, opts, profiles={"fraud": profile})
 
     async def main() -> None:
@@ -178,8 +135,8 @@ def test_metrics_end_to_end(
             # the zero-valued series must be scraped before the first increments, or
             # increase() misses them (the scenario trips the kill switch within seconds)
             await loop.run_in_executor(None, prom.wait_for, "driftline_ready == 1", 60)
-            await loop.run_in_executor(None, produce_bad, kafka_bootstrap, topics.predictions)
-            await loop.run_in_executor(None, produce, kafka_bootstrap, topics, preds, labels)
+            await loop.run_in_executor(None, produce_bad, kafka_bootstrap, env.topics.predictions)
+            await loop.run_in_executor(None, produce, env, interleaved(preds, labels))
             await loop.run_in_executor(None, check, prom, len(preds), len(labels))
         finally:
             await worker.stop()

@@ -23,24 +23,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
-import orjson
 import pytest
 import yaml
-from confluent_kafka import Consumer, KafkaError
 
-from stream.config import MonitorConfig, ServiceSettings, Topics, load_config_text
+from stream.config import MonitorConfig, load_config_text
 from stream.profile import Profile, build_profile
 from stream.scenario import CHANNELS, MONITORS_YAML, REGIONS, reference_rows
 from stream.scenario import _country as scenario_country
 from stream.scenario import _features as scenario_features
 from stream.scenario import _score as scenario_score
-from stream.sdk import DriftlineProducer
-from stream.worker import Worker, WorkerOptions
+from stream.worker import Worker
 from tests.fixtures.services import TopicFactory
+from tests.fixtures.worker_harness import TopicReader, WorkerEnv, counted, make_env, produce, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -61,47 +58,11 @@ COST_MAX_EVENTS: Final = 2000
 evaluations; a 30-tick window of v2 alone is over budget from its first tick)."""
 
 
-@dataclass
-class Env:
-    bootstrap: str
-    redis_url: str
-    topics: Topics
-    uid: str
-
-    def settings(self) -> ServiceSettings:
-        return ServiceSettings(
-            kafka_bootstrap=self.bootstrap,
-            redis_url=self.redis_url,
-            topics=self.topics,
-            tick_s=1.0,
-            allowed_lateness_s=2.0,
-            batch_size=5000,
-            batch_within_s=0.1,
-            web_bind="",  # no HTTP server needed here
-        )
-
-    def opts(self) -> WorkerOptions:
-        return WorkerOptions(
-            group_prefix=f"scn-{self.uid}",
-            instance_id=f"w-{self.uid}",
-            redis_prefix=f"scn{self.uid}",
-        )
-
-
 @pytest.fixture
-def env(kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str) -> Env:
-    def make(kind: str, partitions: int, **config: str) -> str:
-        return topic_factory(partitions, name=f"scn-{unique_id}-{kind}", config=config)
-
-    topics = Topics(
-        predictions=make("predictions", 2),
-        labels=make("labels", 2),
-        summaries=make("summaries", 2),
-        alerts=make("alerts", 1),
-        control=make("control", 1, **{"cleanup.policy": "compact"}),
-        deadletter=make("deadletter", 1),
-    )
-    return Env(kafka_bootstrap, redis_url, topics, unique_id)
+def env(
+    kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str
+) -> WorkerEnv:
+    return make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "scn")
 
 
 @pytest.fixture(scope="module")
@@ -175,78 +136,16 @@ def traffic(
     return out
 
 
-class TopicReader:
-    """Reads a topic from the beginning (confluent-kafka), for assertions."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"reader-{topic}-{time.monotonic_ns()}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-        self.consumer.subscribe([topic])
-        self.values: list[dict[str, Any]] = []
-
-    def poll(self, seconds: float = 0.2) -> list[dict[str, Any]]:
-        for msg in self.consumer.consume(num_messages=1000, timeout=seconds):
-            err = msg.error()
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                raise AssertionError(f"consume error: {err}")
-            if err is None:
-                self.values.append(orjson.loads(msg.value() or b"null"))
-        return self.values
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-async def _until(
-    what: str, check: Callable[[], bool], limit_s: float, poll: Callable[[], object] | None = None
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + limit_s
-    while True:
-        if poll is not None:
-            await loop.run_in_executor(None, poll)
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-def _produce(env: Env, preds: list[dict[str, Any]]) -> int:
-    sdk = DriftlineProducer(
-        env.bootstrap, predictions_topic=env.topics.predictions, labels_topic=env.topics.labels,
-        max_queue=1_000_000, batch_events=200,
-    )  # fmt: skip
-    for ev in preds:
-        assert sdk.log_event("prediction", ev)
-    assert sdk.close(60) == 0
-    assert sdk.dropped == 0 and sdk.delivery_errors == 0
-    return len(preds)
-
-
-def _counted(summaries: list[dict[str, Any]]) -> int:
-    """Predictions counted over unique summary ids."""
-    seen: dict[str, dict[str, Any]] = {}
-    for s in summaries:
-        if "summary_id" in s:
-            seen.setdefault(s["summary_id"], s)
-    return sum(g["n"] for s in seen.values() for g in s["groups"] if g["slice"] == "*")
-
-
 def _run(
-    env: Env, cfg: MonitorConfig, profile: Profile, preds: list[dict[str, Any]]
+    env: WorkerEnv, cfg: MonitorConfig, profile: Profile, preds: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Every prediction through the worker; returns all alerts once stage 2 applied every
     summary (all ticks closed by the worker's idle flush)."""
 
     async def main() -> list[dict[str, Any]]:
-        worker = Worker(cfg, env.settings(), env.opts(), profiles={"fraud": profile})
+        worker = Worker(
+            cfg, env.settings(web_bind=""), env.opts(), profiles={"fraud": profile}
+        )  # no HTTP server needed here
         await worker.start()
         alerts = TopicReader(env.bootstrap, env.topics.alerts)
         summaries = TopicReader(env.bootstrap, env.topics.summaries)
@@ -254,12 +153,12 @@ def _run(
             await asyncio.wait_for(worker.wait_assigned(), 60)
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            await loop.run_in_executor(None, _produce, env, preds)
-            await _until("every prediction in the summaries",
-                         lambda: _counted(summaries.values) == len(preds), 60,
-                         summaries.poll)  # fmt: skip
+            await loop.run_in_executor(None, produce, env, [("prediction", p) for p in preds])
+            await until("every prediction in the summaries",
+                        lambda: counted(summaries.values)[0] == len(preds), 60,
+                        summaries.poll)  # fmt: skip
             n_summaries = len({s["summary_id"] for s in summaries.values})
-            await _until(
+            await until(
                 "stage 2 to apply every summary",
                 lambda: worker.stats.counters["summaries_in"] >= n_summaries,
                 30,
@@ -287,7 +186,7 @@ def _events_between(preds: list[dict[str, Any]], t0: float, t1: float, version: 
 
 
 def test_gradual_covariate_shift_of_one_feature(
-    env: Env, monitors: tuple[MonitorConfig, Profile]
+    env: WorkerEnv, monitors: tuple[MonitorConfig, Profile]
 ) -> None:
     cfg, profile = monitors
     start = float(int(time.time() - SHIFT_END - 60.0))
@@ -322,7 +221,7 @@ def test_gradual_covariate_shift_of_one_feature(
 
 
 def test_cost_per_request_triples_after_a_version_change(
-    env: Env, monitors: tuple[MonitorConfig, Profile]
+    env: WorkerEnv, monitors: tuple[MonitorConfig, Profile]
 ) -> None:
     cfg, profile = monitors
     budget = cfg.models["fraud"].budgets.cost_usd_per_1k

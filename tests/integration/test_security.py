@@ -258,8 +258,40 @@ def test_serving_producer_cannot_read_or_trip_the_kill_switch(secure_kafka: Secu
 # --------------------------------------------------------------------------- client libraries
 
 
+async def _aio_consume(
+    kw: dict[str, Any],
+    topic: str,
+    group: str,
+    done: Callable[[list[bytes]], bool],
+    *,
+    commit: bool = False,
+    refused: tuple[type[BaseException], ...] = (),
+) -> list[bytes]:
+    """Values read by an aiokafka group member until ``done(values)`` (30 s at most), then
+    committed if ``commit``; a ``refused`` error while reading adds ``b"refused"``."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False, **kw
+    )
+    await consumer.start()
+    got: list[bytes] = []
+    try:
+        async with asyncio.timeout(30):
+            while not done(got):
+                for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                    got.extend(m.value for m in msgs if m.value is not None)
+        if commit:
+            await consumer.commit()
+    except refused:
+        got.append(b"refused")
+    finally:
+        await consumer.stop()
+    return got
+
+
 def test_aiokafka_scram_within_acls(secure_kafka: SecureKafka) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaProducer
     from aiokafka.errors import TopicAuthorizationFailedError
 
     t = secure_kafka.topics
@@ -275,25 +307,13 @@ def test_aiokafka_scram_within_acls(secure_kafka: SecureKafka) -> None:
                 await producer.send_and_wait(t.labels, b"forged", key=b"m")
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(
+        return await _aio_consume(
+            kw,
             t.alerts,
-            group_id=f"{GROUP_PREFIX}-detect",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            **kw,
+            f"{GROUP_PREFIX}-detect",
+            lambda got: b"aio-alert" in got,
+            refused=(TopicAuthorizationFailedError,),
         )
-        await consumer.start()
-        got: list[bytes] = []
-        try:
-            async with asyncio.timeout(30):
-                while b"aio-alert" not in got:
-                    for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                        got.extend(m.value for m in msgs if m.value is not None)
-        except TopicAuthorizationFailedError:
-            got.append(b"refused")
-        finally:
-            await consumer.stop()
-        return got
 
     got = asyncio.run(run())
     # alerts is an output topic: the worker may write it but not read it.
@@ -301,33 +321,12 @@ def test_aiokafka_scram_within_acls(secure_kafka: SecureKafka) -> None:
 
 
 def test_aiokafka_consumes_its_input_with_scram(secure_kafka: SecureKafka) -> None:
-    from aiokafka import AIOKafkaConsumer
-
     t = secure_kafka.topics
     assert _produce(secure_kafka.conf("serving"), t.labels, b"label-1") is None
     kw = kafka_client_config(secure_kafka.settings("driftline"), "aiokafka")
 
-    async def run() -> list[bytes]:
-        consumer = AIOKafkaConsumer(
-            t.labels,
-            group_id=f"{GROUP_PREFIX}-ingest",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            **kw,
-        )
-        await consumer.start()
-        got: list[bytes] = []
-        try:
-            async with asyncio.timeout(30):
-                while not got:
-                    for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                        got.extend(m.value for m in msgs if m.value is not None)
-            await consumer.commit()
-        finally:
-            await consumer.stop()
-        return got
-
-    assert asyncio.run(run()) == [b"label-1"]
+    got = asyncio.run(_aio_consume(kw, t.labels, f"{GROUP_PREFIX}-ingest", bool, commit=True))
+    assert got == [b"label-1"]
 
 
 def test_faust_app_consumes_under_acls(secure_kafka: SecureKafka) -> None:
@@ -409,7 +408,7 @@ def test_sdk_producer_and_watcher_with_settings(secure_kafka: SecureKafka) -> No
 
 
 def test_sasl_ssl_from_settings_with_confluent_and_aiokafka(secure_kafka: SecureKafka) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaProducer
 
     t = secure_kafka.topics
     conf = kafka_client_config(secure_kafka.settings("serving", tls=True))
@@ -424,23 +423,9 @@ def test_sasl_ssl_from_settings_with_confluent_and_aiokafka(secure_kafka: Secure
             await producer.send_and_wait(t.deadletter, b"tls-out")
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(
-            t.predictions,
-            group_id=f"{GROUP_PREFIX}-ingest",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            **kw,
+        return await _aio_consume(
+            kw, t.predictions, f"{GROUP_PREFIX}-ingest", lambda got: b"over-tls" in got
         )
-        await consumer.start()
-        got: list[bytes] = []
-        try:
-            async with asyncio.timeout(30):
-                while b"over-tls" not in got:
-                    for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                        got.extend(m.value for m in msgs if m.value is not None)
-        finally:
-            await consumer.stop()
-        return got
 
     assert b"over-tls" in asyncio.run(run())
 

@@ -14,147 +14,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from scripts.services import RedisService
-from stream.config import MonitorConfig, ServiceSettings, Topics
+from stream.config import MonitorConfig, Topics
 from stream.demo import demo_config
 from stream.profile import Profile
 from stream.redis_store import RedisStore
 from stream.scenario import CONCEPT_FLIP_AT, END, SCALE_BREAK, generate
-from stream.sdk import DriftlineProducer, KillSwitchWatcher, murmur2_partition
-from stream.worker import Worker, WorkerOptions, add_worker_commands
+from stream.sdk import KillSwitchWatcher, murmur2_partition
+from stream.worker import Worker, add_worker_commands
 from tests.fixtures.services import TopicFactory
+from tests.fixtures.worker_harness import (
+    TopicReader,
+    WorkerEnv,
+    counted,
+    interleaved,
+    make_env,
+    produce,
+    until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
-@dataclass
-class Env:
-    bootstrap: str
-    redis_url: str
-    topics: Topics
-    uid: str
-
-    def settings(self, **kw: Any) -> ServiceSettings:
-        base: dict[str, Any] = {
-            "kafka_bootstrap": self.bootstrap,
-            "redis_url": self.redis_url,
-            "topics": self.topics,
-            "tick_s": 1.0,
-            "allowed_lateness_s": 2.0,
-            "batch_size": 5000,
-            "batch_within_s": 0.1,
-            "web_bind": "127.0.0.1:0",
-        }
-        base.update(kw)
-        return ServiceSettings(**base)
-
-    def opts(self, **kw: Any) -> WorkerOptions:
-        base: dict[str, Any] = {
-            "group_prefix": f"e2e-{self.uid}",
-            "instance_id": f"w-{self.uid}",
-            "redis_prefix": f"e2e{self.uid}",
-        }
-        base.update(kw)
-        return WorkerOptions(**base)
-
-
 @pytest.fixture
-def env(kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str) -> Env:
-    def make(kind: str, partitions: int, **config: str) -> str:
-        return topic_factory(partitions, name=f"e2e-{unique_id}-{kind}", config=config)
-
-    topics = Topics(
-        predictions=make("predictions", 2),
-        labels=make("labels", 2),
-        summaries=make("summaries", 2),
-        alerts=make("alerts", 1),
-        control=make("control", 1, **{"cleanup.policy": "compact"}),
-        deadletter=make("deadletter", 1),
-    )
-    return Env(kafka_bootstrap, redis_url, topics, unique_id)
+def env(
+    kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str
+) -> WorkerEnv:
+    return make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "e2e")
 
 
 @pytest.fixture(scope="module")
 def demo() -> tuple[MonitorConfig, Profile]:
     return demo_config()
-
-
-class TopicReader:
-    """Reads a topic from the beginning in the background of the test (confluent-kafka)."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"reader-{topic}-{time.monotonic_ns()}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-        self.consumer.subscribe([topic])
-        self.values: list[dict[str, Any]] = []
-
-    def poll(self, seconds: float = 0.2) -> list[dict[str, Any]]:
-        for msg in self.consumer.consume(num_messages=1000, timeout=seconds):
-            err = msg.error()
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                raise AssertionError(f"consume error: {err}")
-            if err is None:
-                self.values.append(orjson.loads(msg.value() or b"null"))
-        return self.values
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-async def _until(
-    what: str, check: Callable[[], bool], limit_s: float, poll: Callable[[], object] | None = None
-) -> None:
-    loop = asyncio.get_running_loop()
-    timeout = limit_s
-    deadline = time.monotonic() + limit_s
-    while True:
-        if poll is not None:
-            await loop.run_in_executor(None, poll)
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-def _interleaved(preds: list[dict[str, Any]], labels: list[dict[str, Any]]) -> Iterator[Any]:
-    """Events in event-time order (what a serving stack would emit)."""
-    tagged = [(p["ts"], 0, "prediction", p) for p in preds]
-    tagged += [(lab["ts"], 1, "label", lab) for lab in labels]
-    tagged.sort(key=lambda x: (x[0], x[1]))
-    for _, _, kind, ev in tagged:
-        yield kind, ev
-
-
-def _produce(env: Env, events: Iterator[tuple[str, dict[str, Any]]], per_msg: int = 200) -> int:
-    sdk = DriftlineProducer(
-        env.bootstrap, predictions_topic=env.topics.predictions, labels_topic=env.topics.labels,
-        max_queue=1_000_000, batch_events=per_msg,
-    )  # fmt: skip
-    n = 0
-    for kind, ev in events:
-        assert sdk.log_event(kind, ev)
-        n += 1
-    assert sdk.close(60) == 0
-    assert sdk.dropped == 0 and sdk.delivery_errors == 0
-    assert sdk.sent_events == n
-    return n
 
 
 def _sample(body: str, name: str, **labels: str) -> float:
@@ -169,22 +69,11 @@ def _sample(body: str, name: str, **labels: str) -> float:
     )
 
 
-def _counted(summaries: list[dict[str, Any]]) -> tuple[int, int, int]:
-    """(predictions, labels, unique summaries) counted over unique summary ids."""
-    seen: dict[str, dict[str, Any]] = {}
-    for s in summaries:
-        if "summary_id" in s:
-            seen.setdefault(s["summary_id"], s)
-    preds = sum(g["n"] for s in seen.values() for g in s["groups"] if g["slice"] == "*")
-    labels = sum(s["labels"]["n"] for s in seen.values())
-    return preds, labels, len(seen)
-
-
 # --------------------------------------------------------------------------- scenario
 
 
 def test_scenario_alerts_kill_switch_and_release(
-    env: Env, demo: tuple[MonitorConfig, Profile], monkeypatch: pytest.MonkeyPatch
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg, profile = demo
     start = time.time() - END - 120.0
@@ -204,10 +93,10 @@ def test_scenario_alerts_kill_switch_and_release(
             assert worker.ready
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            n = await loop.run_in_executor(None, _produce, env, _interleaved(preds, labels))
-            await _until(
+            n = await loop.run_in_executor(None, produce, env, interleaved(preds, labels))
+            await until(
                 "every prediction counted in the summaries",
-                lambda: _counted(summaries.values)[0] == len(preds),
+                lambda: counted(summaries.values)[0] == len(preds),
                 150,
                 summaries.poll,
             )
@@ -215,8 +104,8 @@ def test_scenario_alerts_kill_switch_and_release(
             print(f"\nworker: {n} events ({worker.stats.counters['messages_in']} Kafka "
                   f"messages) through stage 1 in {elapsed:.1f} s = {n / elapsed:,.0f} events/s; "
                   f"{worker.stats.counters['commits']} commits")  # fmt: skip
-            assert _counted(summaries.values)[:2] == (len(preds), len(labels))
-            await _until(
+            assert counted(summaries.values)[:2] == (len(preds), len(labels))
+            await until(
                 "the kill switch to trip",
                 lambda: any(c["action"] == "rollback" for c in control.values),
                 60,
@@ -246,8 +135,8 @@ def test_scenario_alerts_kill_switch_and_release(
             mirror = await worker.store.get_killswitch("fraud")
             assert mirror is not None and orjson.loads(mirror)["active"] is True
             assert watcher.wait_ready(30)
-            await _until("the SDK watcher to see the trip",
-                         lambda: watcher.state("fraud").active, 30)  # fmt: skip
+            await until("the SDK watcher to see the trip",
+                        lambda: watcher.state("fraud").active, 30)  # fmt: skip
             assert watcher.state("fraud").target_version == "v1"
 
             # operator release through the CLI command (runs in a thread: it has its own loop)
@@ -265,7 +154,7 @@ def test_scenario_alerts_kill_switch_and_release(
             )
             rc = await loop.run_in_executor(None, args.func, args)
             assert rc == 0
-            await _until(
+            await until(
                 "the release on the control topic",
                 lambda: control.values[-1]["action"] == "release",
                 30,
@@ -275,8 +164,8 @@ def test_scenario_alerts_kill_switch_and_release(
             assert (release["model_id"], release["mode"]) == ("fraud", "manual")
             mirror = await worker.store.get_killswitch("fraud")
             assert mirror is not None and orjson.loads(mirror)["active"] is False
-            await _until("the SDK watcher to see the release",
-                         lambda: not watcher.state("fraud").active, 30)  # fmt: skip
+            await until("the SDK watcher to see the release",
+                        lambda: not watcher.state("fraud").active, 30)  # fmt: skip
             assert worker.stats.counters["events_rejected"] == 0  # nothing re-read as a dup
             assert worker.stats.counters["ingest_fenced"] == 0
             assert worker.stats.counters["ingest_batch_errors"] == 0
@@ -294,7 +183,7 @@ def test_scenario_alerts_kill_switch_and_release(
 
 
 def test_bad_inputs_go_to_deadletter_and_processing_continues(
-    env: Env, demo: tuple[MonitorConfig, Profile]
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile]
 ) -> None:
     cfg, profile = demo
     now = time.time()
@@ -331,13 +220,13 @@ def test_bad_inputs_go_to_deadletter_and_processing_continues(
                 producer.produce(env.topics.predictions, key=ev["request_id"].encode(),
                                  value=orjson.dumps(ev))  # fmt: skip
             assert producer.flush(30) == 0
-            await _until(
+            await until(
                 "every bad input in the dead-letter topic",
                 lambda: len({d["deadletter_id"] for d in dead.values}) >= len(bad),
                 60,
                 dead.poll,
             )
-            await _until(
+            await until(
                 "all good events accepted",
                 lambda: worker.stats.counters["events_accepted"] == len(good),
                 60,
@@ -377,7 +266,7 @@ def test_bad_inputs_go_to_deadletter_and_processing_continues(
 
 
 def test_restart_mid_stream_resumes_from_redis_offsets(
-    env: Env, demo: tuple[MonitorConfig, Profile]
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile]
 ) -> None:
     cfg, profile = demo
     start = time.time() - 200.0
@@ -385,7 +274,7 @@ def test_restart_mid_stream_resumes_from_redis_offsets(
     cut = start + 80.0  # stationary part only
     preds = [p for p in preds if p["ts"] < cut]
     labels = [lab for lab in labels if lab["ts"] < cut]
-    events = list(_interleaved(preds, labels))
+    events = list(interleaved(preds, labels))
     first, second = events[: len(events) // 2], events[len(events) // 2 :]
     settings = env.settings(batch_size=20)  # Kafka messages per batch: many small batches
     # no offsets in Kafka at all: without seek-on-assign from Redis, B would start over
@@ -395,15 +284,15 @@ def test_restart_mid_stream_resumes_from_redis_offsets(
         loop = asyncio.get_running_loop()
         summaries = TopicReader(env.bootstrap, env.topics.summaries)
         try:
-            await loop.run_in_executor(None, _produce, env, iter(first), 10)
+            await loop.run_in_executor(None, produce, env, iter(first), 10)
             a = Worker(cfg, settings, opts, profiles={"fraud": profile})
             await a.start()
             await asyncio.wait_for(a.wait_assigned(), 60)
-            await _until("worker A to make progress",
-                         lambda: a.stats.counters["commits"] >= 5, 60)  # fmt: skip
+            await until("worker A to make progress",
+                        lambda: a.stats.counters["commits"] >= 5, 60)  # fmt: skip
             await a.stop()  # mid-stream: cancels the loop wherever it is
             accepted_a = a.stats.counters["events_accepted"]
-            await loop.run_in_executor(None, _produce, env, iter(second), 10)
+            await loop.run_in_executor(None, produce, env, iter(second), 10)
             store = RedisStore(env.redis_url, prefix=opts.redis_prefix)
             try:  # what A left in Redis (read without claiming)
                 stored: dict[int, dict[str, int]] = {}
@@ -420,15 +309,15 @@ def test_restart_mid_stream_resumes_from_redis_offsets(
                 for p in (0, 1):  # B resumed exactly where A's last commit left off
                     for topic, off in stored[p].items():
                         assert ingest_b.seeks[TopicPartition(topic, p)] == off
-                await _until(
+                await until(
                     "every prediction counted once",
-                    lambda: _counted(summaries.values)[0] >= len(preds),
+                    lambda: counted(summaries.values)[0] >= len(preds),
                     120,
                     summaries.poll,
                 )
                 await asyncio.sleep(2.0)  # anything counted twice would show up now
                 await loop.run_in_executor(None, summaries.poll, 1.0)
-                n_pred, n_lab, _ = _counted(summaries.values)
+                n_pred, n_lab, _ = counted(summaries.values)
                 accepted_b = b.stats.counters["events_accepted"]
                 print(f"\nrestart: A accepted {accepted_a}, B accepted {accepted_b} of "
                       f"{len(events)}; B republished {b.stats.counters['ingest_republished']} "
@@ -464,7 +353,7 @@ def test_restart_mid_stream_resumes_from_redis_offsets(
 
 
 def test_redis_outage_stalls_the_worker_then_it_catches_up(
-    env: Env, demo: tuple[MonitorConfig, Profile], redis_service: RedisService
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile], redis_service: RedisService
 ) -> None:
     cfg, profile = demo
     start = time.time() - 150.0
@@ -480,20 +369,20 @@ def test_redis_outage_stalls_the_worker_then_it_catches_up(
         await worker.start()
         try:
             await asyncio.wait_for(worker.wait_assigned(), 60)
-            await loop.run_in_executor(None, _produce, env, _interleaved(preds[:half], []))
-            await _until("the first half", lambda: worker.stats.counters["events_accepted"] == half,
-                         60)  # fmt: skip
+            await loop.run_in_executor(None, produce, env, interleaved(preds[:half], []))
+            await until("the first half", lambda: worker.stats.counters["events_accepted"] == half,
+                        60)  # fmt: skip
             await asyncio.sleep(1.2)  # the claims are older than AOF's everysec window
             redis_service.kill()
-            await loop.run_in_executor(None, _produce, env, _interleaved(preds[half:], labels))
+            await loop.run_in_executor(None, produce, env, interleaved(preds[half:], labels))
             await asyncio.sleep(3.0)
             store = worker.store
             assert isinstance(store, RedisStore) and store.retries > 0  # waiting, not failing
             assert all(s.task is not None and not s.task.done() for s in worker.stages)
             redis_service.start()  # main thread: the child dies with the thread that forked it
-            await _until(
+            await until(
                 "every event counted after Redis came back",
-                lambda: _counted(summaries.values)[:2] == (len(preds), len(labels)),
+                lambda: counted(summaries.values)[:2] == (len(preds), len(labels)),
                 90,
                 summaries.poll,
             )
@@ -511,7 +400,7 @@ def test_redis_outage_stalls_the_worker_then_it_catches_up(
 
 
 def test_scale_out_to_two_workers_counts_every_event_once(
-    env: Env, demo: tuple[MonitorConfig, Profile]
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile]
 ) -> None:
     """1 → 2 workers mid-stream (faust-streaming#502 duplicates in exactly this case)."""
     cfg, profile = demo
@@ -519,7 +408,7 @@ def test_scale_out_to_two_workers_counts_every_event_once(
     preds, labels = generate(rate=100.0, seed=9, start=start)
     preds = [p for p in preds if p["ts"] < start + 80]
     labels = [lab for lab in labels if lab["ts"] < start + 80]
-    events = list(_interleaved(preds, labels))
+    events = list(interleaved(preds, labels))
     third = len(events) // 3
     settings = env.settings(batch_size=20)
 
@@ -531,25 +420,25 @@ def test_scale_out_to_two_workers_counts_every_event_once(
         try:
             await a.start()
             await asyncio.wait_for(a.wait_assigned(), 60)
-            await loop.run_in_executor(None, _produce, env, iter(events[:third]), 10)
-            await _until("A to make progress", lambda: a.stats.counters["commits"] >= 3, 60)
+            await loop.run_in_executor(None, produce, env, iter(events[:third]), 10)
+            await until("A to make progress", lambda: a.stats.counters["commits"] >= 3, 60)
             await b.start()
             await asyncio.wait_for(b.wait_assigned(), 60)
-            await _until(
+            await until(
                 "the partitions to be split",
                 lambda: len(a.stages[0].owned()) == len(b.stages[0].owned()) == 1,
                 60,
             )
-            await loop.run_in_executor(None, _produce, env, iter(events[third:]), 10)
-            await _until(
+            await loop.run_in_executor(None, produce, env, iter(events[third:]), 10)
+            await until(
                 "every event counted",
-                lambda: _counted(summaries.values)[:2] == (len(preds), len(labels)),
+                lambda: counted(summaries.values)[:2] == (len(preds), len(labels)),
                 120,
                 summaries.poll,
             )
             await asyncio.sleep(2.0)
             await loop.run_in_executor(None, summaries.poll, 1.0)
-            assert _counted(summaries.values)[:2] == (len(preds), len(labels))
+            assert counted(summaries.values)[:2] == (len(preds), len(labels))
             ing_a, ing_b = a.stages[0], b.stages[0]
             assert ing_a.owned() | ing_b.owned() == {0, 1}
             assert not ing_a.owned() & ing_b.owned()  # each partition has one owner
@@ -566,7 +455,7 @@ def test_scale_out_to_two_workers_counts_every_event_once(
 
 
 def test_a_fenced_partition_stops_while_the_others_go_on(
-    env: Env, demo: tuple[MonitorConfig, Profile], caplog: pytest.LogCaptureFixture
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile], caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg, profile = demo
     start = time.time() - 200.0
@@ -582,19 +471,19 @@ def test_a_fenced_partition_stops_while_the_others_go_on(
         intruder = RedisStore(env.redis_url, prefix=opts.redis_prefix)
         try:
             await asyncio.wait_for(worker.wait_assigned(), 60)
-            await loop.run_in_executor(None, _produce, env, _interleaved(preds[:half], []))
-            await _until("the first half", lambda: worker.stats.counters["events_accepted"] == half,
-                         60)  # fmt: skip
+            await loop.run_in_executor(None, produce, env, interleaved(preds[:half], []))
+            await until("the first half", lambda: worker.stats.counters["events_accepted"] == half,
+                        60)  # fmt: skip
             key0 = intruder._key("ingest", 0, "offsets")
             key1 = intruder._key("ingest", 1, "offsets")
             before0, before1 = await intruder.redis.get(key0), await intruder.redis.get(key1)
             await intruder.claim("ingest", 0, "another-worker")  # partition 0 changes hands
-            await loop.run_in_executor(None, _produce, env, _interleaved(preds[half:], []))
-            await _until("the fencing", lambda: worker.stats.counters["ingest_fenced"] == 1, 60)
+            await loop.run_in_executor(None, produce, env, interleaved(preds[half:], []))
+            await until("the fencing", lambda: worker.stats.counters["ingest_fenced"] == 1, 60)
             second = preds[half:]
             n_p1 = sum(1 for p in second if murmur2_partition(p["request_id"].encode(), 2) == 1)
             assert 0 < n_p1 < len(second)
-            await _until(
+            await until(
                 "partition 1 to keep going",
                 lambda: worker.stats.counters["events_accepted"] >= half + n_p1,
                 60,
@@ -616,7 +505,7 @@ def test_a_fenced_partition_stops_while_the_others_go_on(
 
 
 def test_an_unloadable_state_pauses_only_its_partition(
-    env: Env, demo: tuple[MonitorConfig, Profile], caplog: pytest.LogCaptureFixture
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile], caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg, profile = demo
     opts = env.opts()
@@ -638,9 +527,9 @@ def test_an_unloadable_state_pauses_only_its_partition(
         await worker.start()
         try:
             await asyncio.wait_for(worker.wait_assigned(), 60)
-            await loop.run_in_executor(None, _produce, env, _interleaved(preds, []))
-            await _until("partition 1's events", lambda: worker.stats.counters["events_accepted"]
-                         == n_p1, 60)  # fmt: skip
+            await loop.run_in_executor(None, produce, env, interleaved(preds, []))
+            await until("partition 1's events", lambda: worker.stats.counters["events_accepted"]
+                        == n_p1, 60)  # fmt: skip
             await asyncio.sleep(1.0)
             ingest = worker.stages[0]
             assert ingest.owned() == {1} and 0 in ingest.fenced
@@ -658,7 +547,7 @@ def test_an_unloadable_state_pauses_only_its_partition(
 
 
 def test_worker_process_sigkilled_mid_stream_then_replaced(
-    env: Env, tmp_path: Any, unique_id: str
+    env: WorkerEnv, tmp_path: Any, unique_id: str
 ) -> None:
     """``driftline worker`` as a process with examples/monitors.yaml: SIGKILL, replace, SIGTERM.
 
@@ -678,7 +567,7 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
     preds, labels = generate(rate=100.0, seed=12, start=start)
     preds = [p for p in preds if p["ts"] < start + 80]
     labels = [lab for lab in labels if lab["ts"] < start + 80]
-    events = list(_interleaved(preds, labels))
+    events = list(interleaved(preds, labels))
     first, second = events[: len(events) // 2], events[len(events) // 2 :]
 
     def free_port() -> int:
@@ -738,7 +627,7 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
     b: subprocess.Popen[bytes] | None = None
     try:
         wait_for("A ready", lambda: http("/readyz")[0] == 200, 60, log_a)
-        _produce(env, iter(first), 10)
+        produce(env, iter(first), 10)
         wait_for(
             "A's progress",
             lambda: counter("driftline_checkpoint_duration_seconds_count", stage="ingest") >= 5,
@@ -747,18 +636,18 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
         )
         a.send_signal(signal.SIGKILL)  # a crash: nothing flushed, nothing committed to Kafka
         assert a.wait(10) == -signal.SIGKILL
-        _produce(env, iter(second), 10)
+        produce(env, iter(second), 10)
         b = spawn(log_b)
         wait_for("B ready", lambda: http("/readyz")[0] == 200, 90, log_b)
 
         def all_counted() -> bool:
             summaries.poll()
-            return _counted(summaries.values)[0] >= len(preds)
+            return counted(summaries.values)[0] >= len(preds)
 
         wait_for("every prediction counted", all_counted, 120, log_b)
         time.sleep(2.0)
         summaries.poll(1.0)
-        assert _counted(summaries.values)[:2] == (len(preds), len(labels))
+        assert counted(summaries.values)[:2] == (len(preds), len(labels))
         assert counter("driftline_events_accepted_total") > 0
         assert counter("driftline_events_rejected_total") == 0
         assert http("/healthz")[0] == 200
@@ -783,7 +672,7 @@ def test_worker_process_sigkilled_mid_stream_then_replaced(
 
 
 def test_start_refuses_missing_or_mismatched_topics(
-    env: Env, demo: tuple[MonitorConfig, Profile], topic_factory: TopicFactory
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile], topic_factory: TopicFactory
 ) -> None:
     cfg, profile = demo
     labels3 = topic_factory(3)

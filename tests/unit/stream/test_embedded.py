@@ -12,6 +12,7 @@ from stream.cli import main
 from stream.embedded import Bus, EmbeddedRunner, partition_for, read_events
 from stream.scenario import START
 from stream.store import OutMessage
+from tests.fixtures.embedded_feed import Feed
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -143,17 +144,11 @@ def test_worker_crash_and_restart_loses_and_duplicates_nothing(crash_after_commi
                 await real(stage, p, gen, msgs)
 
             runner._publish = publish  # type: ignore[method-assign]
-        t = runner.topics
-        i = j = 0
+        feed = Feed(preds, labels)
         step = START
         while step < START + END:
             step += 10.0
-            while i < len(preds) and preds[i]["ts"] < step:
-                runner.produce(t.predictions, [preds[i]])
-                i += 1
-            while j < len(labels) and labels[j]["ts"] < step:
-                runner.produce(t.labels, [labels[j]])
-                j += 1
+            feed.produce_before(runner, step)
             try:
                 await runner.drain(now=step)
             except Crash:

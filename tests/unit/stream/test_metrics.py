@@ -31,6 +31,7 @@ from stream.policy import Finding
 from stream.scenario import END, START, generate
 from stream.store import Fenced, JoinOutcome, JoinResult, OutMessage
 from stream.summary import LATENCY_EDGES_MS
+from tests.fixtures.embedded_feed import Feed
 
 RATE = 40.0
 
@@ -151,17 +152,12 @@ async def _run_scenario() -> Run:
     run = Run(cfg, reg, m, runner, preds, labels, clock)
     instrument(runner, m, run)
     await runner.start()
-    i = j = 0
+    feed = Feed(preds, labels)
     t = START
     while t < START + END:
         t += 5.0
         clock.t += 5.0
-        while i < len(preds) and preds[i]["ts"] < t:
-            runner.produce(runner.topics.predictions, [preds[i]])
-            i += 1
-        while j < len(labels) and labels[j]["ts"] < t:
-            runner.produce(runner.topics.labels, [labels[j]])
-            j += 1
+        feed.produce_before(runner, t)
         await runner.drain(now=t)
     await runner.finish(START + END + 10.0)
     run.ks_after_trip = value(reg, "driftline_killswitch_active", model="fraud", action="rollback")

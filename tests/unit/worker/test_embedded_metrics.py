@@ -18,6 +18,7 @@ from stream.demo import demo_config
 from stream.embedded import EmbeddedRunner, RunResult
 from stream.metrics import Metrics
 from stream.scenario import END, START, generate
+from tests.fixtures.embedded_feed import Feed
 
 
 def _value(reg: CollectorRegistry, name: str, **labels: str) -> float:
@@ -38,16 +39,11 @@ def _run(metrics: Metrics | None) -> tuple[EmbeddedRunner, RunResult, list[dict[
     async def main() -> list[dict[str, Any]]:
         await runner.start()
         step = 5.0
-        i = j = 0
+        feed = Feed(preds, labels)
         t = START
         while t < START + END:
             t += step
-            while i < len(preds) and preds[i]["ts"] < t:
-                runner.produce(runner.topics.predictions, [preds[i]])
-                i += 1
-            while j < len(labels) and labels[j]["ts"] < t:
-                runner.produce(runner.topics.labels, [labels[j]])
-                j += 1
+            feed.produce_before(runner, t)
             await runner.drain(now=t)
         runner.produce_raw(runner.topics.predictions, b"bad", b"{not json")
         await runner.finish(START + END + 60.0)
