@@ -262,6 +262,106 @@ def test_bad_inputs_go_to_deadletter_and_processing_continues(
     asyncio.run(main())
 
 
+def test_the_rest_of_the_bad_inputs_are_rejected_or_counted_and_processing_continues(
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile]
+) -> None:
+    """The issue's list beyond the first test: missing model_id, a timestamp a year in the
+    future, a duplicate event id, a 5 MB message (the topic allows it, the worker's cap of
+    1 MiB does not), a label before its prediction and a label for an unknown request."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    cfg, profile = demo
+    now = time.time()
+    preds, labels = generate(rate=20.0, seed=5, start=now - 120.0)
+    good = [p for p in preds if p["ts"] < now - 60][:300]
+    labelled = {lab["request_id"]: lab for lab in labels}
+    early = next(p for p in good[150:] if p["request_id"] in labelled)  # label goes first
+    rest = [p for p in good if p is not early]
+    no_model = {k: v for k, v in good[0].items() if k != "model_id"}
+    bad = [
+        orjson.dumps({**no_model, "event_id": "nomodel-1"}),
+        orjson.dumps({**good[1], "event_id": "future-1", "ts": now + 365 * 86400}),
+        orjson.dumps(good[2]),  # the same event id a second time
+        orjson.dumps({**good[3], "event_id": "huge-1", "pad": "x" * (5 << 20)}),
+    ]
+    expected = {"missing_model_id", "future_timestamp", "duplicate_event_id", "too_large"}
+    unknown_label = {**labelled[early["request_id"]], "event_id": "lab-unknown",
+                     "request_id": "never-predicted"}  # fmt: skip
+    admin = AdminClient({"bootstrap.servers": env.bootstrap})
+    entry = ConfigEntry(
+        "max.message.bytes", str(8 << 20), incremental_operation=AlterConfigOpType.SET
+    )
+    res = ConfigResource("topic", env.topics.predictions, incremental_configs=[entry])
+    for fut in admin.incremental_alter_configs([res]).values():
+        fut.result(30)
+
+    async def main() -> None:
+        worker = Worker(cfg, env.settings(), env.opts(), profiles={"fraud": profile})
+        await worker.start()
+        dead = TopicReader(env.bootstrap, env.topics.deadletter)
+        try:
+            await asyncio.wait_for(worker.wait_assigned(), 60)
+            producer = Producer({"bootstrap.servers": env.bootstrap, "message.max.bytes": 8 << 20})
+
+            def send(topic: str, key: str, value: bytes) -> None:
+                producer.produce(topic, key=key.encode(), value=value)
+
+            def join(outcome: str) -> float:
+                labels = {"model": "fraud", "outcome": outcome}
+                got = worker.registry.get_sample_value("driftline_label_join_total", labels)
+                return got or 0.0
+
+            for ev in rest[:100]:
+                send(env.topics.predictions, ev["request_id"], orjson.dumps(ev))
+            for i, raw in enumerate(bad):
+                # a retried event keeps its key (request_id): duplicates are caught per partition
+                key = good[2]["request_id"] if i == 2 else f"bad-{i}"
+                send(env.topics.predictions, key, raw)
+            # a label before its prediction, and a label nobody will ever predict
+            send(
+                env.topics.labels, early["request_id"], orjson.dumps(labelled[early["request_id"]])
+            )
+            send(env.topics.labels, unknown_label["request_id"], orjson.dumps(unknown_label))
+            assert producer.flush(60) == 0
+            await until(
+                "both early labels counted",
+                lambda: join("early") >= 2,
+                60,
+            )
+            send(env.topics.predictions, early["request_id"], orjson.dumps(early))
+            for ev in rest[100:]:
+                send(env.topics.predictions, ev["request_id"], orjson.dumps(ev))
+            assert producer.flush(60) == 0
+            try:
+                await until(
+                    "the rejected inputs in the dead-letter topic",
+                    lambda: expected <= {d["reason"] for d in dead.values},
+                    90,
+                    dead.poll,
+                )
+            except AssertionError:
+                print("dead letters:", {d["reason"] for d in dead.values}, worker.stats.counters)
+                raise
+            await until(
+                "every good prediction accepted and the early label joined",
+                lambda: (
+                    worker.stats.counters["events_accepted"] == len(good) + 2
+                    and join("joined") >= 1
+                ),
+                90,
+            )
+            huge = next(d for d in dead.values if d["reason"] == "too_large")
+            assert huge["raw_truncated"] is True and huge["size"] > 5 << 20
+            dup = next(d for d in dead.values if d["reason"] == "duplicate_event_id")
+            assert good[2]["event_id"] in dup["message"]
+            assert worker.stats.counters["ingest_batch_errors"] == 0
+        finally:
+            dead.close()
+            await worker.stop()
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- restart
 
 
