@@ -10,7 +10,8 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 
-from stream.sdk import DriftlineProducer, KillSwitchState, KillSwitchWatcher, murmur2_partition
+from stream.partitioner import murmur2_partition
+from stream.sdk import DriftlineProducer, KillSwitchState, KillSwitchWatcher
 from tests.fixtures.services import TopicFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

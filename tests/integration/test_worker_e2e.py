@@ -26,10 +26,11 @@ from confluent_kafka.admin import AdminClient
 from scripts.services import RedisService
 from stream.config import MonitorConfig, Topics
 from stream.demo import demo_config
+from stream.partitioner import murmur2_partition
 from stream.profile import Profile
 from stream.redis_store import RedisStore
 from stream.scenario import CONCEPT_FLIP_AT, END, SCALE_BREAK, generate
-from stream.sdk import KillSwitchWatcher, murmur2_partition
+from stream.sdk import KillSwitchWatcher
 from stream.worker import Worker, add_worker_commands
 from tests.fixtures.services import TopicFactory
 from tests.fixtures.worker_harness import (

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from stream.embedded import partition_for
+from stream.partitioner import murmur2_partition
 from stream.sdk import (
     DriftlineProducer,
     KillSwitchState,
@@ -17,7 +18,6 @@ from stream.sdk import (
     _conf,
     batch_value,
     killswitch_from_mirror,
-    murmur2_partition,
 )
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: the producer never connects
