@@ -51,7 +51,7 @@ def _valid_prediction() -> st.SearchStrategy[dict[str, Any]]:
     llm = st.fixed_dictionaries(
         {},
         optional={
-            "prompt_version": mostly(st.text(max_size=20), st.one_of(TRICKY_TEXT, st.integers())),
+            "prompt_version": mostly(st.text(max_size=20), st.one_of(TRICKY_TEXT, INT64)),
             "input_tokens": mostly(
                 st.integers(0, 10**6), st.sampled_from([-2, 3.0, 3.5, "3", 1e300])
             ),
