@@ -37,6 +37,8 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import attrgetter
 from typing import Final
 
 import numpy as np
@@ -50,6 +52,9 @@ from stream.store import JoinOp, JoinResult, OutMessage
 from stream.summary import ModelPlan, ModelTickAcc
 
 STATE_SCHEMA: Final = 1
+_GET_MODEL: Final = attrgetter("model_id")
+_GET_VERSION: Final = attrgetter("model_version")
+_GET_TS: Final = attrgetter("ts")
 
 __all__ = [
     "Detect",
@@ -239,7 +244,7 @@ class Ingest:
 
     def _fold(self, events: Sequence[Prediction | Label], out: IngestOutput) -> None:
         tick_s = self.tick_s
-        ts = np.fromiter((e.ts for e in events), np.float64, len(events))
+        ts = np.fromiter(map(_GET_TS, events), np.float64, len(events))
         prev = np.empty_like(ts)
         prev[0] = self.watermark
         if ts.shape[0] > 1:
@@ -251,24 +256,54 @@ class Ingest:
             eff = np.where(late, np.floor(prev / tick_s), own).astype(np.int64).tolist()
         late_l = late.tolist()
         self.watermark = max(self.watermark, float(ts.max()))
-        groups: dict[tuple[str, str, int], list[Prediction]] = defaultdict(list)
-        slice_groups: dict[tuple[str, str, int, str], list[Prediction]] = defaultdict(list)
+        open_ = self.open
         plans = self.plans
+        mids: list[str] = list(map(_GET_MODEL, events))
+        tick_keys = list(zip(eff, mids, strict=True))
+        for key in set(tick_keys):
+            if key not in open_:
+                open_[key] = ModelTickAcc(plans[key[1]])
+        if True in late_l:
+            for key, cnt in Counter(compress(tick_keys, late_l)).items():
+                open_[key].late += cnt
+        kinds = set(map(type, events))
+        if Label in kinds:
+            is_pred = [type(e) is Prediction for e in events]
+            preds: list[Prediction] = list(compress(events, is_pred))  # type: ignore[arg-type]
+            p_ticks = list(compress(eff, is_pred))
+            p_mids = list(compress(mids, is_pred))
+        else:
+            preds = events  # type: ignore[assignment]
+            p_ticks, p_mids = eff, mids
+        # group predictions by (model, version, tick), arrival order kept within a group
+        groups: dict[tuple[str, str, int], list[Prediction]] = defaultdict(list)
+        versions = map(_GET_VERSION, preds)
+        for gkey, pe in zip(zip(p_mids, versions, p_ticks, strict=True), preds, strict=True):
+            groups[gkey].append(pe)
+        joining = any(plans[m].model.label_horizon_s > 0 for m in set(mids))
+        skeys_of: dict[int, tuple[str, ...]] = {}  # id(prediction) -> slice keys (join ops)
+        for (model_id, version, tick), evs in groups.items():
+            plan = plans[model_id]
+            acc = open_[(tick, model_id)]
+            acc.group(version, "*", plan).add_predictions(evs, plan)
+            if not plan.slices:
+                continue
+            cols = plan.slice_key_columns(evs)
+            for col in cols:
+                by_key: dict[str, list[Prediction]] = defaultdict(list)
+                for sk, pe in zip(col, evs, strict=True):
+                    by_key[sk].append(pe)
+                for sk, sevs in by_key.items():
+                    acc.group(version, sk, plan).add_predictions(sevs, plan)
+            if joining and plan.model.label_horizon_s > 0:
+                skeys_of.update(zip(map(id, evs), zip(*cols, strict=True), strict=True))
+        if Label not in kinds and not joining:
+            return
         ops = out.join_ops
-        for i, e in enumerate(events):
-            tick = eff[i]
+        for e, tick in zip(events, eff, strict=True):
             plan = plans[e.model_id]
-            acc = self.open.get((tick, e.model_id))
-            if acc is None:
-                acc = self.open[(tick, e.model_id)] = ModelTickAcc(plan)
-            if late_l[i]:
-                acc.late += 1
             horizon = plan.model.label_horizon_s
             if type(e) is Prediction:
-                groups[(e.model_id, e.model_version, tick)].append(e)
-                skeys = plan.slice_keys(e) if plan.slices else ()
-                for sk in skeys:
-                    slice_groups[(e.model_id, e.model_version, tick, sk)].append(e)
                 if horizon > 0:
                     ops.append(
                         JoinOp(
@@ -279,7 +314,7 @@ class Ingest:
                             horizon,
                             {
                                 "v": e.model_version,
-                                "s": list(skeys),
+                                "s": list(skeys_of.get(id(e), ())),
                                 "sc": e.score,
                                 "p": norm_target(e.prediction),
                                 "ts": e.ts,
@@ -288,19 +323,13 @@ class Ingest:
                     )
             else:
                 lab = norm_target(e.label)  # type: ignore[union-attr]
-                acc.add_label(lab, plan)
+                open_[(tick, e.model_id)].add_label(lab, plan)
                 if horizon > 0:
                     ops.append(
                         JoinOp(
                             "label", e.model_id, e.request_id, tick, horizon, {"y": lab, "ts": e.ts}
                         )
                     )
-        for (model_id, version, tick), evs in groups.items():
-            plan = plans[model_id]
-            self.open[(tick, model_id)].group(version, "*", plan).add_predictions(evs, plan)
-        for (model_id, version, tick, sk), evs in slice_groups.items():
-            plan = plans[model_id]
-            self.open[(tick, model_id)].group(version, sk, plan).add_predictions(evs, plan)
 
     def _close_ticks(self) -> None:
         limit = self.watermark - self.lateness_s

@@ -35,8 +35,10 @@ rate. Events without ``llm`` are not LLM calls and are not counted there. At mos
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Final
 
 import numpy as np
@@ -58,6 +60,14 @@ CALIB_BINS: Final = 10
 MAX_LLM_FLAGS: Final = 32
 MAX_PROMPT_VERSIONS: Final = 8
 _NUMERIC_TYPES: Final = frozenset({float, int, type(None)})
+# C-level field getters of Prediction (a NamedTuple), for whole-batch columns
+_F = Prediction._fields
+_GET_FEATURES: Final = itemgetter(_F.index("features"))
+_GET_SCORE: Final = itemgetter(_F.index("score"))
+_GET_LATENCY: Final = itemgetter(_F.index("latency_ms"))
+_GET_COST: Final = itemgetter(_F.index("cost_usd"))
+_GET_LLM: Final = itemgetter(_F.index("llm"))
+_GET_SLICE: Final = itemgetter(_F.index("slice"))
 # numeric layout: n, sum, sumsq, min, max, missing, nan, out_of_range, wrong_type
 _N, _SUM, _SQ, _MIN, _MAX, _MISS, _NAN, _OOR, _WT = range(9)
 
@@ -87,6 +97,13 @@ class CatPlan:
 class SlicePlan:
     name: str
     values: frozenset[str]
+    # value -> "dim=value" key, and the key of every other value (built once, not per event)
+    keys: Mapping[str, str] = field(init=False, compare=False, repr=False)
+    other: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", {v: f"{self.name}={v}" for v in self.values})
+        object.__setattr__(self, "other", f"{self.name}=other")
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,10 @@ class ModelPlan:
     slices: tuple[SlicePlan, ...]
     feature_names: frozenset[str]
     llm: tuple[NumPlan, ...] = ()  # LLM signals, accumulated per prompt version
+    # all numeric + categorical names in one C-level getter (one pass over a batch)
+    columns: Callable[[Mapping[str, Any]], Any] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def model_id(self) -> str:
@@ -167,6 +188,7 @@ class ModelPlan:
             tuple(slices),
             frozenset(f.name for f in model.features),
             tuple(llm),
+            _columns_getter([p.name for p in numeric] + [c.name for c in categorical]),
         )
 
     def slice_keys(self, ev: Prediction) -> tuple[str, ...]:
@@ -180,6 +202,58 @@ class ModelPlan:
                 v = None if fv is None else norm_target(fv)
             out.append(f"{s.name}={v if v in s.values else 'other'}")
         return tuple(out)
+
+    def slice_key_columns(self, evs: Sequence[Prediction]) -> list[list[str]]:
+        """:meth:`slice_keys` of many predictions, one list per slice dimension."""
+        slcs: list[dict[str, str] | None] = list(map(_GET_SLICE, evs))
+        has_none = None in slcs
+        out: list[list[str]] = []
+        for s in self.slices:
+            if has_none:
+                vals: list[Any] = [sl.get(s.name) if sl is not None else None for sl in slcs]
+            else:
+                vals = list(map(dict.get, slcs, repeat(s.name)))  # type: ignore[arg-type]
+            if None in vals:
+                vals = [
+                    v if v is not None else _feature_slice_value(e, s.name)
+                    for v, e in zip(vals, evs, strict=True)
+                ]
+            out.append(list(map(s.keys.get, vals, repeat(s.other))))
+        return out
+
+
+def _feature_slice_value(ev: Prediction, name: str) -> str | None:
+    fv = ev.features.get(name)
+    return None if fv is None else norm_target(fv)
+
+
+def _columns_getter(names: Sequence[str]) -> Callable[[Mapping[str, Any]], Any] | None:
+    """``itemgetter`` returning a tuple of ``names``' values (None when it cannot)."""
+    if len(names) < 2:  # itemgetter of one name returns the value, not a 1-tuple
+        return None
+    return itemgetter(*names)
+
+
+def _feature_columns(
+    plan: ModelPlan, feats: Sequence[Mapping[str, Any]]
+) -> tuple[list[Sequence[Any]], bool]:
+    """Per-feature value columns (numeric plans first, then categorical; None = missing)
+    and whether every event carries exactly the contract's features (no unexpected ones).
+
+    Fast path: one C-level ``itemgetter`` pass and a transpose; an event missing a feature
+    makes it fall back to one ``dict.get`` pass per feature.
+    """
+    getter = plan.columns
+    if getter is not None and feats:
+        try:
+            cols: list[Sequence[Any]] = list(zip(*map(getter, feats), strict=True))
+        except KeyError:
+            pass
+        else:
+            # every event has all the names: no extra key iff every length equals them
+            return cols, sum(map(len, feats)) == len(cols) * len(feats)
+    names = [p.name for p in plan.numeric] + [c.name for c in plan.categorical]
+    return [[f.get(name) for f in feats] for name in names], False
 
 
 # --------------------------------------------------------------------------- accumulators
@@ -197,7 +271,7 @@ def _moments(arr: FloatArray) -> tuple[int, float, float, float, float]:
     )
 
 
-def _to_numeric(vals: list[Any]) -> tuple[FloatArray, int, int]:
+def _to_numeric(vals: Sequence[Any]) -> tuple[FloatArray, int, int]:
     """(array with NaN for missing/wrong type, n_missing, n_wrong_type)."""
     if _NUMERIC_TYPES.issuperset(map(type, vals)):
         missing = vals.count(None)
@@ -262,9 +336,12 @@ class GroupAcc:
 
     def add_predictions(self, evs: Sequence[Prediction], plan: ModelPlan) -> None:
         self.n += len(evs)
-        scores, _, _ = _to_numeric(
-            [e.score if e.score is not None else _num_or_none(e.prediction) for e in evs]
-        )
+        raw_scores: list[Any] = list(map(_GET_SCORE, evs))
+        if None in raw_scores:
+            raw_scores = [
+                e.score if e.score is not None else _num_or_none(e.prediction) for e in evs
+            ]
+        scores, _, _ = _to_numeric(raw_scores)
         s = scores[np.isfinite(scores)]
         counts, _ = numeric_bin_counts(plan.score_edges, s)
         sc = self.score
@@ -274,16 +351,19 @@ class GroupAcc:
         sc[3] += float(np.dot(s, s))
         if not self.full:
             return
-        feats = [e.features for e in evs]
-        known = plan.feature_names
-        self.unexpected += sum(1 for f in feats if not f.keys() <= known)
-        for p in plan.numeric:
+        feats: list[dict[str, Any]] = list(map(_GET_FEATURES, evs))
+        cols, exact = _feature_columns(plan, feats)
+        if not exact:
+            known = plan.feature_names
+            self.unexpected += sum(1 for f in feats if not f.keys() <= known)
+        nnum = len(plan.numeric)
+        for p, col in zip(plan.numeric, cols, strict=False):
             hist, acc = self.num[p.name]
-            _fold_numeric(p, [f.get(p.name) for f in feats], hist, acc)
-        for c in plan.categorical:
+            _fold_numeric(p, col, hist, acc)
+        for c, col in zip(plan.categorical, cols[nnum:], strict=True):
             hist, extra = self.cat[c.name]
             k = hist.shape[0] - 1
-            for raw, cnt in Counter([f.get(c.name) for f in feats]).items():
+            for raw, cnt in Counter(col).items():
                 if raw is None:
                     extra[0] += cnt
                     continue
@@ -298,17 +378,19 @@ class GroupAcc:
                 hist[c.index.get(v, k)] += cnt
                 if c.allowed is not None and v not in c.allowed:
                     extra[2] += cnt
-        lat, _, _ = _to_numeric([e.latency_ms for e in evs])
+        lat, _, _ = _to_numeric(list(map(_GET_LATENCY, evs)))
         lat = lat[np.isfinite(lat)]
         if lat.shape[0]:
             self.lat[0] += numeric_bin_counts(LATENCY_EDGES_MS, lat)[0]
             self.lat[1] += int(lat.shape[0])
             self.lat[2] += float(lat.sum())
-        costs = [e.cost_usd for e in evs if e.cost_usd is not None]
+        costs = list(map(_GET_COST, evs))
+        if None in costs:
+            costs = [c for c in costs if c is not None]
         if costs:
             self.cost[0] += len(costs)
             self.cost[1] += float(np.sum(costs))
-        llms = [e.llm for e in evs if e.llm is not None]
+        llms: list[LLMInfo] = list(filter(None, map(_GET_LLM, evs)))  # LLMInfo is never empty
         if llms:
             lm = self.llm
             lm[0] += len(llms)
@@ -447,7 +529,7 @@ def _new_numeric(p: NumPlan) -> list[Any]:
     ]
 
 
-def _fold_numeric(p: NumPlan, vals: list[Any], hist: IntArray, acc: FloatArray) -> None:
+def _fold_numeric(p: NumPlan, vals: Sequence[Any], hist: IntArray, acc: FloatArray) -> None:
     """Fold raw values (None = missing) into a numeric histogram + moments accumulator."""
     arr, missing, wrong = _to_numeric(vals)
     fin = arr[np.isfinite(arr)]
