@@ -33,7 +33,10 @@ exponential backoff (0.05 s doubling to 5 s, forever unless ``retry_for_s`` is s
 Redis restart stalls the worker instead of crash-looping it. A commit is retried with the
 same *commit token*: if the first attempt was applied and only its reply was lost, the
 script sees the token, applies nothing again and returns the stored inbox (re-applying
-the join ops would turn a ``joined`` pair into ``duplicate`` and lose it).
+the join ops would turn a ``joined`` pair into ``duplicate`` and lose it). Writes refused
+because Redis is full (``OOM`` under ``maxmemory-policy noeviction``) or cannot persist
+(``MISCONF``) are retried the same way, logged at ERROR and counted in ``retries`` and
+``write_refusals``: the worker pauses until memory is freed or ``maxmemory`` raised.
 
 Round trips: :attr:`RedisStore.round_trips` counts requests sent (one per claim, commit or
 ack in the steady state). The scripts are loaded in the claim's transaction, so the first
@@ -55,7 +58,7 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream.store import (
@@ -239,6 +242,7 @@ class RedisStore:
         self._commits = 0
         self.round_trips = 0
         self.retries = 0
+        self.write_refusals = 0  # retries caused by OOM / MISCONF (also in ``retries``)
 
     def _key(self, stage: str, partition: int, name: str) -> str:
         if stage not in STAGES:
@@ -272,6 +276,30 @@ class RedisStore:
                     raise
                 self.retries += 1
                 log.warning("redis %s failed (%s); retrying in %.2f s", what, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(cap, delay * 2)
+            except ResponseError as err:
+                # Redis refuses writes but keeps its data: out of memory under
+                # maxmemory-policy noeviction (OOM), or a failed RDB save with
+                # stop-writes-on-bgsave-error (MISCONF). Nothing was applied (a script is
+                # refused before it runs), so waiting and retrying the same request is safe;
+                # raising would make the worker drop and re-claim the partition, which
+                # fails the same way.
+                if not _is_write_refusal(err):
+                    raise
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
+                self.retries += 1
+                self.write_refusals += 1
+                log.error(
+                    "redis %s REFUSED (%s: %s); the worker waits and retries in %.2f s — "
+                    "raise maxmemory / free memory, or fix persistence (MISCONF); state keys "
+                    "must never be evicted (maxmemory-policy noeviction)",
+                    what,
+                    type(err).__name__,
+                    err,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(cap, delay * 2)
 
@@ -413,6 +441,16 @@ class RedisStore:
     async def set_killswitch(self, model_id: str, state: bytes) -> None:
         """Overwrite the kill-switch mirror (operator tooling)."""
         await self._call("set_killswitch", lambda: self.redis.set(self._ks_key(model_id), state))
+
+
+def _is_write_refusal(err: ResponseError) -> bool:
+    """Whether Redis refused a write for a reason that passes (memory, disk), not a bug.
+
+    ``OOM`` replies arrive as :class:`~redis.exceptions.OutOfMemoryError` (redis-py strips
+    the prefix; in a MULTI, the claim, it names the queued command); ``MISCONF`` as a plain
+    ResponseError. Nothing was applied: a transaction with a refused command is discarded,
+    and a script is refused at its first write command, before it changed anything."""
+    return isinstance(err, OutOfMemoryError) or str(err).startswith("MISCONF")
 
 
 def _sha1(script: str) -> str:

@@ -305,21 +305,7 @@ class StageRunner:
                 try:
                     await self._claim(p)
                 except Exception as err:  # e.g. a state this version cannot load
-                    log.critical(
-                        "%s/%d: cannot take over the partition (%s: %s); it stays paused "
-                        "until the next rebalance — fix the cause and restart the worker",
-                        self.stage,
-                        p,
-                        type(err).__name__,
-                        err,
-                    )
-                    self.stats.inc(f"{self.stage}_claim_errors")
-                    self._drop(p)
-                    self.fenced.add(p)
-                    tps = [TopicPartition(t, p) for t in self.input_topics]
-                    assert self.consumer is not None
-                    with contextlib.suppress(Exception):
-                        self.consumer.pause(*[tp for tp in tps if tp in self.consumer.assignment()])
+                    self._claim_failed(p, err)
             log.info(
                 "%s: claimed partitions %s (generations %s)",
                 self.stage,
@@ -390,13 +376,39 @@ class StageRunner:
             with contextlib.suppress(Exception):
                 self.consumer.pause(*[tp for tp in tps if tp in self.consumer.assignment()])
 
+    def _claim_failed(self, p: int, err: Exception) -> None:
+        """Partition ``p`` cannot be (re-)claimed: pause it, loudly, until a rebalance."""
+        log.critical(
+            "%s/%d: cannot take over the partition (%s: %s); it stays paused "
+            "until the next rebalance — fix the cause and restart the worker",
+            self.stage,
+            p,
+            type(err).__name__,
+            err,
+        )
+        self.stats.inc(f"{self.stage}_claim_errors")
+        self._release_metrics(p)
+        self._drop(p)
+        self.fenced.add(p)
+        if self.consumer is not None:
+            tps = [TopicPartition(t, p) for t in self.input_topics]
+            with contextlib.suppress(Exception):
+                self.consumer.pause(*[tp for tp in tps if tp in self.consumer.assignment()])
+
     async def _recover(self, p: int, err: Exception) -> None:
-        """A commit failed for another reason: reload the partition from Redis."""
+        """A commit failed for another reason: reload the partition from Redis.
+
+        Never raises: if the re-claim fails too, the partition is paused (its records are
+        not fetched and silently skipped meanwhile) and the other partitions of the batch
+        are still absorbed and published by the caller."""
         log.exception("%s/%d: commit failed (%s); re-claiming from Redis", self.stage, p, err)
         self.stats.inc(f"{self.stage}_recoveries")
         await asyncio.sleep(1.0)
         self._drop(p)
-        await self._claim(p)
+        try:
+            await self._claim(p)
+        except Exception as claim_err:
+            self._claim_failed(p, claim_err)
 
     # ----------------------------------------------------------------- loop
 
