@@ -328,14 +328,22 @@ def make_api(
         shown = None if state is None else {k: state.get(k) for k in STATE_FIELDS}
         return web.json_response({"model_id": model, "state": shown})
 
-    async def trip(request: web.Request) -> web.Response:
+    async def mutation(
+        request: web.Request, allowed: tuple[str, ...]
+    ) -> tuple[str, dict[str, Any], web.Response | None]:
+        """What trip and release check first, in this order: authorization, the model,
+        the body. Returns ``(model, body, error response or None)``."""
         denied = authorize(request, mutating=True)
         if denied is not None:
-            return denied
+            return "", {}, denied
         model, bad = model_of(request)
         if bad is not None:
-            return bad
-        doc, bad = await body_of(request, TRIP_FIELDS)
+            return model, {}, bad
+        doc, bad = await body_of(request, allowed)
+        return model, doc, bad
+
+    async def trip(request: web.Request) -> web.Response:
+        model, doc, bad = await mutation(request, TRIP_FIELDS)
         if bad is not None:
             return bad
         action = doc.get("action")
@@ -357,13 +365,7 @@ def make_api(
         return await request_change(request, model, str(action), target, reason, operator)
 
     async def release(request: web.Request) -> web.Response:
-        denied = authorize(request, mutating=True)
-        if denied is not None:
-            return denied
-        model, bad = model_of(request)
-        if bad is not None:
-            return bad
-        doc, bad = await body_of(request, RELEASE_FIELDS)
+        model, doc, bad = await mutation(request, RELEASE_FIELDS)
         if bad is not None:
             return bad
         reason, bad = text_field(doc, "reason", required=True, max_chars=MAX_REASON_CHARS)
