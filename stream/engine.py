@@ -48,13 +48,16 @@ from stream.config import MonitorConfig, Topics
 from stream.detect import Detect, DetectOutput
 from stream.events import Decoder, Label, Prediction, RawMessage, Reject, deadletter_record
 from stream.profile import Profile, norm_target
-from stream.store import JoinOp, JoinResult, OutMessage
-from stream.summary import ModelPlan, ModelTickAcc
+from stream.store import JoinBatch, JoinOp, JoinResult, OutMessage
+from stream.summary import GroupAcc, ModelPlan, ModelTickAcc
 
 STATE_SCHEMA: Final = 1
 _GET_MODEL: Final = attrgetter("model_id")
 _GET_VERSION: Final = attrgetter("model_version")
 _GET_TS: Final = attrgetter("ts")
+_GET_SCORE: Final = attrgetter("score")
+_GET_PREDICTION: Final = attrgetter("prediction")
+_GET_REQUEST: Final = attrgetter("request_id")
 
 __all__ = [
     "Detect",
@@ -76,7 +79,7 @@ class IngestOutput:
     """What one stage-1 batch produced."""
 
     messages: list[OutMessage] = field(default_factory=list)
-    join_ops: list[JoinOp] = field(default_factory=list)
+    join_ops: Sequence[JoinOp] = ()
     next_offset: dict[str, int] = field(default_factory=dict)
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -196,22 +199,36 @@ class Ingest:
 
     def absorb(self, result: JoinResult) -> None:
         """Fold the joined pairs and join outcomes of the last commit (or claim inbox)."""
+        plans = self.plans
+        held = self.pending.keys() | self.open.keys()
+        # the groups a pair lands in, looked up once per (tick, model, version, slices)
+        targets: dict[tuple[int, str, str, tuple[str, ...]], tuple[list[GroupAcc], str, str]] = {}
         for pair in result.pairs:
-            plan = self.plans.get(pair.model_id)
-            if plan is None:
-                continue
-            acc = self._held(pair.tick, pair.model_id, plan)
-            acc.group(pair.version, "*", plan).add_pair(
-                pair, plan.model.positive_label, plan.model.task
-            )
-            for s in pair.slices:
-                acc.group(pair.version, s, plan).add_pair(
-                    pair, plan.model.positive_label, plan.model.task
-                )
-        for o in result.outcomes:
-            plan = self.plans.get(o.model_id)
-            if plan is not None:
-                self._held(o.tick, o.model_id, plan).outcomes[o.outcome] += 1
+            key = (pair.tick, pair.model_id, pair.version, pair.slices)
+            hit = targets.get(key)
+            if hit is None:
+                plan = plans.get(pair.model_id)
+                if plan is None:
+                    continue
+                acc = self._held(pair.tick, pair.model_id, plan)
+                groups = [acc.group(pair.version, "*", plan)]
+                groups += [acc.group(pair.version, s, plan) for s in pair.slices]
+                hit = (groups, plan.model.positive_label, plan.model.task)
+                if (pair.tick, pair.model_id) in held:  # else _held counts each pair as late
+                    targets[key] = hit
+            groups, positive, task = hit
+            for g in groups:
+                g.add_pair(pair, positive, task)
+        if result.outcomes:
+            for (model_id, tick, outcome), n in Counter(result.outcomes).items():
+                plan = plans.get(model_id)
+                if plan is None:
+                    continue
+                if (tick, model_id) in held:
+                    self._held(tick, model_id, plan).outcomes[outcome] += n
+                else:
+                    for _ in range(n):
+                        self._held(tick, model_id, plan).outcomes[outcome] += 1
         self.counters["joined"] += len(result.pairs)
 
     def flush(self, now: float | None = None) -> IngestOutput:
@@ -299,37 +316,73 @@ class Ingest:
                 skeys_of.update(zip(map(id, evs), zip(*cols, strict=True), strict=True))
         if Label not in kinds and not joining:
             return
-        ops = out.join_ops
-        for e, tick in zip(events, eff, strict=True):
-            plan = plans[e.model_id]
-            horizon = plan.model.label_horizon_s
-            if type(e) is Prediction:
-                if horizon > 0:
-                    ops.append(
-                        JoinOp(
-                            "park",
-                            e.model_id,
-                            e.request_id,
-                            tick,
-                            horizon,
-                            {
-                                "v": e.model_version,
-                                "s": list(skeys_of.get(id(e), ())),
-                                "sc": e.score,
-                                "p": norm_target(e.prediction),
-                                "ts": e.ts,
-                            },
-                        )
-                    )
-            else:
+        self._join_ops(
+            events, eff, mids, preds=preds, skeys_of=skeys_of, has_labels=Label in kinds, out=out
+        )
+
+    def _join_ops(
+        self,
+        events: Sequence[Prediction | Label],
+        eff: list[int],
+        mids: list[str],
+        *,
+        preds: Sequence[Prediction],
+        skeys_of: Mapping[int, tuple[str, ...]],
+        has_labels: bool,
+        out: IngestOutput,
+    ) -> None:
+        """Count the labels into their ticks and build the batch's join ops as columns
+        (arrival order; only models with a label horizon): one compact record per event,
+        serialised by ``orjson.dumps`` over zipped columns."""
+        plans = self.plans
+        open_ = self.open
+        horizon_of = {m: plans[m].model.label_horizon_s for m in set(mids)}
+        ttls = list(map(horizon_of.__getitem__, mids))
+        precs: list[bytes] = []
+        if preds and any(horizon_of.values()):
+            precs = list(
+                map(
+                    orjson.dumps,
+                    zip(
+                        map(_GET_VERSION, preds),
+                        [skeys_of.get(id(e), ()) for e in preds],
+                        map(_GET_SCORE, preds),
+                        map(norm_target, map(_GET_PREDICTION, preds)),
+                        map(_GET_TS, preds),
+                        strict=True,
+                    ),
+                )
+            )
+        if has_labels:
+            parks = [type(e) is Prediction for e in events]
+            lrecs: list[bytes] = []
+            for e, tick, is_pred in zip(events, eff, parks, strict=True):
+                if is_pred:
+                    continue
                 lab = norm_target(e.label)  # type: ignore[union-attr]
-                open_[(tick, e.model_id)].add_label(lab, plan)
-                if horizon > 0:
-                    ops.append(
-                        JoinOp(
-                            "label", e.model_id, e.request_id, tick, horizon, {"y": lab, "ts": e.ts}
-                        )
-                    )
+                open_[(tick, e.model_id)].add_label(lab, plans[e.model_id])
+                lrecs.append(orjson.dumps((lab, e.ts)))
+            if not precs:
+                precs = [b""] * len(preds)  # placeholders: no prediction is parked
+            it_p, it_l = iter(precs), iter(lrecs)
+            records = [next(it_p) if f else next(it_l) for f in parks]
+        else:
+            parks = [True] * len(events)
+            records = precs
+        rids = list(map(_GET_REQUEST, events))
+        if min(horizon_of.values()) <= 0:  # models without a label horizon send no join ops
+            keep = [t > 0 for t in ttls]
+            if True not in keep:
+                return
+            parks = list(compress(parks, keep))
+            mids = list(compress(mids, keep))
+            rids = list(compress(rids, keep))
+            eff = list(compress(eff, keep))
+            ttls = list(compress(ttls, keep))
+            records = list(compress(records, keep))
+        out.join_ops = JoinBatch(
+            parks=parks, model_ids=mids, request_ids=rids, ticks=eff, ttl_s=ttls, records=records
+        )
 
     def _close_ticks(self) -> None:
         limit = self.watermark - self.lateness_s

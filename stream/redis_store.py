@@ -6,8 +6,9 @@ mirrors, and performs the batch's label-join operations, all atomically (a Lua s
 to completion or not at all as seen by other clients; unlike ``MULTI/EXEC`` it can branch
 on what it reads, which the join and the fencing check need).
 
-Keys of one partition share a hash tag, so in Redis Cluster they live in one slot and the
-script touches only declared keys::
+Keys of one partition share a hash tag, so in Redis Cluster they live in one slot (the
+script declares all of them in ``KEYS`` except the join buffer's generation hashes, see
+below)::
 
     {prefix}:{<stage>:<partition>}:gen       fencing generation (INCR on claim)
     {prefix}:{<stage>:<partition>}:owner     who claimed it last
@@ -18,15 +19,59 @@ script touches only declared keys::
     {prefix}:{<stage>:<partition>}:outseq    outbox sequence counter
     {prefix}:{<stage>:<partition>}:last      token of the last applied commit (idempotent
                                              retry after a lost reply)
-    {prefix}:{<stage>:<partition>}:inbox     last commit's join result (JSON)
+    {prefix}:{<stage>:<partition>}:inbox     last commit's join result (format "i2", below)
+    {prefix}:{<stage>:<partition>}:jmeta     join buffer settings (hash: w = generation
+                                             width ms, maxttl = largest TTL written ms,
+                                             g = last generation written, v1until = until
+                                             when format-1 keys may exist)
+    {prefix}:{<stage>:<partition>}:j2:<g>    join buffer, generation g = floor(now / w):
+                                             hash '<model>:<request_id>' -> 13-digit expiry
+                                             (ms) + "P"+prediction | "L"+early
+                                             label | "J" (joined); the hash expires once
+                                             every entry in it has
     {prefix}:{<stage>:<partition>}:j:<model>:<request_id>
-                                             join buffer entry, TTL = label horizon:
-                                             "P"+prediction | "L"+early label | "J" (joined)
+                                             format-1 join entry (one key per request, Redis
+                                             TTL); read, never written, until v1until
     {prefix}:ks:<model>                      kill-switch mirror (standalone Redis; see
                                              docs/architecture.md for Cluster)
 
-Join records travel as opaque JSON strings: the script never parses numbers, so nothing
-is rounded on the way (Lua's cjson would print 14 digits).
+Label join, cost per op (issue 6): the batch's ops travel in four arguments (a JSON header
+of lengths and TTL indices, the fields and the values concatenated, and a meta document the
+script only stores), the script looks fields up with ``HMGET`` in chunks of 1,000 (newest
+generation first; the first generation holding a field decides and an expired value counts
+as absent, so TTLs are exact as in MemoryStore), applies the ops in order in Lua tables and
+writes the changed fields with ``HSET`` in chunks: a few Redis commands per batch instead of
+two per op. The generation hashes are built inside the script from the partition's prefix:
+they are not declared in ``KEYS`` but carry the partition's hash tag, so in Redis Cluster
+they hash to the slot of the declared keys. The reply is one string: a letter per op
+(P parked, J joined, E early, D duplicate, R duplicate_request) followed by the joined ops'
+counterpart records; the inbox adds the meta and the joined ops' own records.
+
+Clock: the client writes each value whole (expiry on the worker's clock, kind, record), so
+the script stores it without building a string. The script compares the worker's clock
+with Redis's (``TIME``): within 1 s, expiries and "now" are the worker's (TTLs exact as in
+MemoryStore; two workers' clocks may differ by up to 2 s); further off, the script rewrites
+the expiries and judges them with Redis's clock. The generation a commit writes to never
+goes back (``jmeta`` keeps the last one), and lookups reach 2 s further back, so a worker
+whose clock is behind its predecessor's still finds every entry.
+
+Records are compact JSON arrays built by the client (park ``[v, s, sc, p, ts]``, label
+``[y, ts]``) and opaque to the script, so no number is rounded on the way (Lua's cjson would
+print 14 digits); format-1 records (JSON objects) are still read.
+
+Upgrade: the first commit with join ops on a partition whose inbox was written by a
+format-1 worker sets ``v1until = now + largest TTL``; until then fields not found in the
+generation hashes are also looked up as format-1 keys (``GET``), so a worker upgraded
+mid-stream keeps the parked predictions and early labels. Format-1 inboxes are decoded too.
+A downgrade is not supported (a format-1 worker does not read the generation hashes).
+The generation width is fixed by the partition's first join batch (its largest TTL, at
+least 1 s); raising the label horizon later makes every lookup read
+``ceil(maxttl / w) + 1`` generations instead of 2.
+
+Memory: an entry takes ~161 B in a generation hash (a format-1 key took ~250 B) but stays
+until its hash expires, up to ``w + maxttl`` after it was written (1.5 horizons on average),
+so the buffer's size stays about the same. ACL: the script runs ``HMGET``, ``HSET``,
+``PEXPIREAT`` and ``TIME`` besides the string commands.
 
 Outages: a Redis call that fails with a connection error or timeout is retried with
 exponential backoff (0.05 s doubling to 5 s, forever unless ``retry_for_s`` is set), so a
@@ -53,8 +98,11 @@ import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from itertools import chain
+from operator import add
+from typing import Any, Final, TypeVar
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -64,11 +112,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stream.store import (
     Claim,
     Fenced,
+    JoinBatch,
     JoinedPair,
     JoinOp,
     JoinOutcome,
     JoinResult,
     OutMessage,
+    make_pair,
 )
 
 STAGES = ("ingest", "detect")
@@ -76,12 +126,20 @@ log = logging.getLogger("driftline.redis")
 _T = TypeVar("_T")
 
 _COMMIT_LUA = """
--- KEYS: gen, state, offsets, outbox, inbox, outseq, last, then K kill-switch keys,
---       then J join keys
+-- KEYS: gen, state, offsets, outbox, inbox, outseq, last, join meta, then K kill-switch keys
 -- ARGV: generation, state, offsets, n_outbox, n_killswitch, n_join, token,
 --       outbox (id, packed) * n_outbox, killswitch values * n_killswitch,
---       join ops * n_join (one argument each: 'p' or 'l', ttl ms, ':', record json),
---       inbox meta json
+--       then, if n_join > 0: the join buffer's hash prefix, the old (format 1) key prefix,
+--       header json [field lengths, value lengths, ttl index per op, ttls in ms],
+--       the fields '<model>:<request_id>' concatenated, the values concatenated
+--       ('P' or 'L' + record json), meta (opaque; kept in the inbox for a restart).
+-- Join buffer: hashes '<hash prefix><g>' per generation g = floor(now / W) (W, the
+-- generation width, is fixed at the partition's first join; KEYS[8] holds W, the largest
+-- TTL written and whether format-1 keys may still exist). A value is a 13-digit expiry
+-- (ms) + 'P'/'L' + record, or + 'J'. A lookup reads the newest generation first; the first
+-- one holding the field decides, and an expired value counts as absent (exact TTLs). The
+-- generation hashes are not declared in KEYS: they carry the partition's hash tag, so they
+-- live in the same slot as KEYS[1..8] (Redis Cluster runs the script on that slot's node).
 local gen = redis.call('GET', KEYS[1])
 if gen ~= ARGV[1] then
   return redis.error_reply('FENCED ' .. tostring(gen))
@@ -109,46 +167,139 @@ for i = 1, n_out do
   a = a + 2
 end
 for i = 1, n_ks do
-  redis.call('SET', KEYS[7 + i], ARGV[a])
+  redis.call('SET', KEYS[8 + i], ARGV[a])
   a = a + 1
 end
-local results = {}
+if n_join == 0 then
+  redis.call('SET', KEYS[5], '')
+  return ''
+end
+local sub, byte, call, unpack = string.sub, string.byte, redis.call, unpack
+local pre2, pre1 = ARGV[a], ARGV[a + 1]
+local hdr, fb, vb, meta = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+local h = cjson.decode(hdr)
+local fl, vl, ti, T, wnow = h[1], h[2], h[3], h[4], h[5]
+local t = call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- the values carry expiries on the worker's clock (wnow): used as they are when that clock
+-- is within 1 s of Redis's, else rewritten with Redis's clock
+local trusted = math.abs(wnow - now) <= 1000
+if trusted then now = wnow end
+local nows = string.format('%013d', now)
+local batch_max = 0
+for j = 1, #T do if T[j] > batch_max then batch_max = T[j] end end
+local jm = call('HMGET', KEYS[8], 'w', 'maxttl', 'v1until', 'g')
+local W, maxttl, v1until = tonumber(jm[1]), tonumber(jm[2]) or 0, tonumber(jm[3]) or 0
+local lastg = tonumber(jm[4])
+if not W then
+  W = math.max(batch_max, 1000)
+  local ib = call('GET', KEYS[5])
+  if ib and byte(ib, 1) == 123 then -- '{': a format-1 worker wrote here before
+    v1until = -1 -- decided below, once the largest TTL is known
+  end
+  call('HSET', KEYS[8], 'w', W)
+end
+local lookback = maxttl -- entries already written have TTLs <= maxttl
+if batch_max > maxttl then
+  maxttl = batch_max
+  call('HSET', KEYS[8], 'maxttl', maxttl)
+end
+if v1until == -1 then
+  v1until = now + maxttl
+  call('HSET', KEYS[8], 'v1until', v1until)
+end
+-- writes never go to an older generation than an earlier commit's (workers' clocks may
+-- differ by up to 2 s), so the newest generation holding a field has its latest value
+local g = math.floor(now / W)
+if lastg and lastg > g then g = lastg end
+if g ~= lastg then call('HSET', KEYS[8], 'g', g) end
+local EXP = {}
+for j = 1, #T do EXP[j] = string.format('%013d', now + T[j]) end
+-- the fields and values ('<13-digit expiry>P|L<record>') of the ops
+local fields, vals = {}, {}
+local fp, vp = 1, 1
 for i = 1, n_join do
-  local key = KEYS[7 + n_ks + i]
-  local packed = ARGV[a]
-  local sep = string.find(packed, ':', 2, true)
-  local op = string.sub(packed, 1, 1)
-  local ttl = tonumber(string.sub(packed, 2, sep - 1))
-  local rec = string.sub(packed, sep + 1)
-  a = a + 1
-  local cur = redis.call('GET', key)
-  if op == 'p' then
-    if not cur then
-      if ttl > 0 then redis.call('SET', key, 'P' .. rec, 'PX', ttl) end
-      results[#results + 1] = {'parked', '', ''}
-    elseif string.sub(cur, 1, 1) == 'L' then
-      results[#results + 1] = {'joined', rec, string.sub(cur, 2)}
-      redis.call('SET', key, 'J', 'PX', math.max(ttl, 1))
-    else
-      results[#results + 1] = {'duplicate_request', '', ''}
-    end
-  else
-    if not cur then
-      if ttl > 0 then redis.call('SET', key, 'L' .. rec, 'PX', ttl) end
-      results[#results + 1] = {'early', '', ''}
-    elseif string.sub(cur, 1, 1) == 'P' then
-      results[#results + 1] = {'joined', string.sub(cur, 2), rec}
-      redis.call('SET', key, 'J', 'PX', math.max(ttl, 1))
-    else
-      results[#results + 1] = {'duplicate', '', ''}
+  local fe, ve = fp + fl[i], vp + vl[i] + 14
+  fields[i] = sub(fb, fp, fe - 1)
+  vals[i] = sub(vb, vp, ve - 1)
+  fp, vp = fe, ve
+end
+-- the current value of each field: the newest generation holding it decides
+local cur_of = {}
+local todo = fields
+local CH = 1000
+local back = math.ceil((lookback + 2000) / W) -- + the clocks' spread
+for gi = 0, back do
+  if #todo == 0 then break end
+  local hk = pre2 .. (g - gi)
+  local left = {}
+  for s = 1, #todo, CH do
+    local e = math.min(s + CH - 1, #todo)
+    local got = call('HMGET', hk, unpack(todo, s, e))
+    for j = 1, e - s + 1 do
+      local v = got[j]
+      if v then cur_of[todo[s + j - 1]] = v else left[#left + 1] = todo[s + j - 1] end
     end
   end
+  todo = left
 end
-local encoded = '[]'
-if n_join > 0 then encoded = cjson.encode(results) end
-local inbox = '{"meta":' .. ARGV[a] .. ',"results":' .. encoded .. '}'
-redis.call('SET', KEYS[5], inbox)
-return inbox
+if now < v1until then
+  -- format-1 keys '<old prefix><field>' (Redis TTLs) written before this worker's upgrade
+  for j = 1, #todo do
+    local v = call('GET', pre1 .. todo[j])
+    if v then cur_of[todo[j]] = '9999999999999' .. v end
+  end
+end
+-- the ops, in order; cur_of carries each op's effect to the next op on the same field
+local JV = {}
+for j = 1, #T do JV[j] = EXP[j] .. 'J' end
+local out, others, owns = {}, {}, {}
+local wr, nw = {}, 0 -- HSET arguments: (field, value)*, a later value of a field wins
+for i = 1, n_join do
+  local f, val, tx = fields[i], vals[i], ti[i]
+  local cur = cur_of[f]
+  if cur and sub(cur, 1, 13) <= nows then cur = nil end -- expired
+  local park = byte(val, 14) == 80 -- 'P'
+  local v = nil
+  if not cur then
+    if T[tx] > 0 then
+      if trusted then v = val else v = EXP[tx] .. sub(val, 14) end
+    end
+    if park then out[i] = 'P' else out[i] = 'E' end -- parked / early
+  else
+    local c = byte(cur, 14)
+    if (park and c == 76) or (not park and c == 80) then -- the counterpart waits
+      out[i] = 'J'
+      others[#others + 1] = sub(cur, 15)
+      owns[#owns + 1] = sub(val, 15)
+      v = JV[tx]
+    elseif park then
+      out[i] = 'R' -- duplicate_request
+    else
+      out[i] = 'D' -- duplicate
+    end
+  end
+  if v then
+    cur_of[f] = v
+    wr[nw + 1] = f
+    wr[nw + 2] = v
+    nw = nw + 2
+  end
+end
+if nw > 0 then
+  local hk = pre2 .. g
+  for s = 1, nw, 2 * CH do
+    call('HSET', hk, unpack(wr, s, math.min(s + 2 * CH - 1, nw)))
+  end
+  call('PEXPIREAT', hk, (g + 1) * W + maxttl + 1000)
+end
+-- reply: outcome letters + the joined ops' counterpart records; the inbox adds the meta
+-- and the joined ops' own records (what a restarted worker needs to rebuild the result)
+local res = table.concat(out) .. table.concat(others, ',')
+local own = table.concat(owns, ',')
+redis.call('SET', KEYS[5], 'i2 ' .. n_join .. ' ' .. #meta .. ' ' .. #own .. '\\n' .. meta
+  .. own .. res)
+return 'r' .. res
 """
 
 _ACK_LUA = """
@@ -177,10 +328,135 @@ def _unpack(msg_id: str, blob: bytes) -> OutMessage:
     return OutMessage(msg_id, topic, key, blob[off + tlen + klen :])
 
 
-def _decode_inbox(raw: bytes | str | None) -> JoinResult:
-    """Turn the script's inbox document back into a :class:`JoinResult`."""
+_OUTCOME_OF: Final = {
+    ord("J"): "joined",
+    ord("E"): "early",
+    ord("D"): "duplicate",
+    ord("R"): "duplicate_request",
+}
+_PARKED: Final = ord("P")
+
+
+_KIND: Final = {True: b"P", False: b"L"}
+
+
+def _join_args(batch: JoinBatch, now_ms: int) -> list[bytes]:
+    """Header, fields, values and meta: all of a batch's join ops in four script arguments
+    (C-level passes over the columns; no Python code runs per op). A value is the expiry on
+    this worker's clock (13 digits, ms), ``P`` or ``L``, and the record."""
+    mids = batch.model_ids
+    colon = {m: m + ":" for m in set(mids)}
+    fstr = list(map(add, map(colon.__getitem__, mids), batch.request_ids))
+    flen = list(map(len, fstr))
+    fb = "".join(fstr).encode()
+    if len(fb) != sum(flen):  # non-ASCII: lengths in bytes
+        enc = list(map(str.encode, fstr))
+        flen = list(map(len, enc))
+        fb = b"".join(enc)
+    ttl_index: dict[float, int] = {}
+    ttls: list[int] = []
+    head: dict[tuple[float, bool], bytes] = {}
+    for t in set(batch.ttl_s):
+        ms = max(0, int(t * 1000))
+        ttl_index[t] = len(ttls) + 1  # Lua tables are 1-based
+        ttls.append(ms)
+        exp = b"%013d" % (now_ms + ms)
+        head[(t, True)] = exp + b"P"
+        head[(t, False)] = exp + b"L"
+    heads = map(head.__getitem__, zip(batch.ttl_s, batch.parks, strict=True))
+    vb = b"".join(chain.from_iterable(zip(heads, batch.records, strict=True)))
+    header = orjson.dumps(
+        [
+            flen,
+            list(map(len, batch.records)),  # each value is 14 bytes longer
+            list(map(ttl_index.__getitem__, batch.ttl_s)),
+            ttls,
+            now_ms,
+        ]
+    )
+    meta = orjson.dumps([mids, batch.request_ids, batch.ticks])
+    return [header, fb, vb, meta]
+
+
+def _join_result(
+    outcomes_raw: bytes,
+    others_raw: bytes,
+    own_records: bytes | Sequence[bytes],
+    *,
+    model_ids: Sequence[str],
+    request_ids: Sequence[str],
+    ticks: Sequence[int],
+) -> JoinResult:
+    """Outcome letters (one per op), the joined ops' stored counterpart records and their
+    own records (all ops' records, or only the joined ones' as ``,``-joined bytes) -> result.
+    """
+    codes = np.frombuffer(outcomes_raw, np.uint8)
+    idx: list[int] = np.flatnonzero(codes != _PARKED).tolist()
+    if not idx:
+        return JoinResult()
+    of = _OUTCOME_OF
+    outcomes = tuple([JoinOutcome(model_ids[i], ticks[i], of[outcomes_raw[i]]) for i in idx])
+    joined = [i for i in idx if outcomes_raw[i] == 74]  # 'J'
+    if not joined:
+        return JoinResult((), outcomes)
+    if not isinstance(own_records, bytes):
+        own_records = b",".join([own_records[i] for i in joined])
+    others = orjson.loads(b"[" + others_raw + b"]")
+    owns = orjson.loads(b"[" + own_records + b"]")
+    pairs = tuple(
+        [
+            # own records are compact: a prediction has 5 fields, a label 2
+            make_pair(model_ids[i], request_ids[i], ticks[i], own, other)
+            if len(own) == 5
+            else make_pair(model_ids[i], request_ids[i], ticks[i], other, own)
+            for i, own, other in zip(joined, owns, others, strict=True)
+        ]
+    )
+    return JoinResult(pairs, outcomes)
+
+
+def _decode_reply(raw: bytes | None, batch: JoinBatch) -> JoinResult:
+    """The commit script's reply: ``r`` + outcome letters + counterpart records, or (a retry
+    of an applied commit) the stored inbox."""
     if not raw:
         return JoinResult()
+    if raw[:1] != b"r":
+        return _decode_inbox(raw)
+    n = len(batch)
+    return _join_result(
+        raw[1 : 1 + n],
+        raw[1 + n :],
+        batch.records,
+        model_ids=batch.model_ids,
+        request_ids=batch.request_ids,
+        ticks=batch.ticks,
+    )
+
+
+def _decode_inbox(raw: bytes | str | None) -> JoinResult:
+    """Turn a stored inbox back into a :class:`JoinResult` (current and previous format)."""
+    if not raw:
+        return JoinResult()
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if raw[:3] == b"i2 ":
+        eol = raw.index(b"\n")
+        n, mlen, olen = map(int, raw[3:eol].split())
+        pos = eol + 1
+        model_ids, request_ids, ticks = orjson.loads(raw[pos : pos + mlen])
+        pos += mlen
+        owns = raw[pos : pos + olen]
+        pos += olen
+        return _join_result(
+            raw[pos : pos + n],
+            raw[pos + n :],
+            owns,
+            model_ids=model_ids,
+            request_ids=request_ids,
+            ticks=ticks,
+        )
+    # format 1 (before the packed join arguments): {"meta": [[model, request, tick]..],
+    # "results": [[outcome, pred json, label json]..]}
     doc = orjson.loads(raw)
     pairs: list[JoinedPair] = []
     outcomes: list[JoinOutcome] = []
@@ -191,21 +467,8 @@ def _decode_inbox(raw: bytes | str | None) -> JoinResult:
             continue
         outcomes.append(JoinOutcome(model, tick, outcome))
         if outcome == "joined":
-            p = orjson.loads(pred)
-            lab = orjson.loads(label)
             pairs.append(
-                JoinedPair(
-                    model,
-                    request_id,
-                    tick,
-                    str(p["v"]),
-                    tuple(p["s"]),
-                    p["sc"],
-                    str(p["p"]),
-                    str(lab["y"]),
-                    float(p["ts"]),
-                    float(lab["ts"]),
-                )
+                make_pair(model, request_id, tick, orjson.loads(pred), orjson.loads(label))
             )
     return JoinResult(tuple(pairs), tuple(outcomes))
 
@@ -243,6 +506,11 @@ class RedisStore:
         self.round_trips = 0
         self.retries = 0
         self.write_refusals = 0  # retries caused by OOM / MISCONF (also in ``retries``)
+
+    @staticmethod
+    def _wall_ms() -> int:
+        """This worker's clock (ms): the join values' expiries (see the commit script)."""
+        return int(time.time() * 1000)
 
     def _key(self, stage: str, partition: int, name: str) -> str:
         if stage not in STAGES:
@@ -373,6 +641,7 @@ class RedisStore:
             return self._key(stage, partition, name)
 
         ks = dict(killswitch or {})
+        batch = JoinBatch.from_ops(join_ops)
         self._commits += 1
         token = f"{self._nonce}:{generation}:{self._commits}"
         keys: list[str] = [
@@ -384,26 +653,23 @@ class RedisStore:
             k("outseq"),
             k("last"),
         ]
+        keys.append(k("jmeta"))
         keys += [self._ks_key(m) for m in ks]
-        keys += [k(f"j:{op.model_id}:{op.request_id}") for op in join_ops]
         args: list[Any] = [
             generation,
             state,
             orjson.dumps(dict(next_offset)),
             len(outbox),
             len(ks),
-            len(join_ops),
+            len(batch),
             token,
         ]
         for m in outbox:
             args += [m.id, _pack(m)]
         args += list(ks.values())
-        for op in join_ops:
-            # one argument per op (redis-py packs every argument in Python: fewer is faster)
-            ttl = max(0, int(op.ttl_s * 1000))
-            kind = b"p" if op.op == "park" else b"l"
-            args.append(kind + str(ttl).encode() + b":" + orjson.dumps(op.record))
-        args.append(orjson.dumps([[op.model_id, op.request_id, op.tick] for op in join_ops]))
+        if len(batch):
+            # all join ops in four arguments (redis-py packs every argument in Python)
+            args += [k("j2:"), k("j:"), *_join_args(batch, self._wall_ms())]
         try:
             raw = await self._call(
                 "commit", lambda: self._evalsha(self._commit_sha, _COMMIT_LUA, keys, args)
@@ -413,7 +679,7 @@ class RedisStore:
             if fenced is not None:
                 raise fenced from None
             raise
-        return _decode_inbox(raw)
+        return _decode_reply(raw, batch)
 
     async def ack_outbox(
         self, stage: str, partition: int, generation: int, ids: Sequence[str]

@@ -366,6 +366,9 @@ REDIS_STORE_COMMANDS: Final = (
     "hset",
     "hgetall",
     "hdel",
+    "hmget",  # the label-join buffer: lookups in the partition's join hashes
+    "pexpireat",  # one expiry per join-buffer hash
+    "time",  # the commit script reads the server clock for join-buffer expiries
 )
 """Every command :class:`~stream.redis_store.RedisStore` sends or runs inside its scripts."""
 

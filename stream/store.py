@@ -28,15 +28,21 @@ Label join (per claimed stage-1 partition; predictions and labels are co-partiti
 The result of the last commit is kept as the partition's *inbox* and returned by
 :meth:`StateStore.claim`: a worker that crashed between commit and folding the pairs into
 its state loses nothing (the next commit replaces the inbox).
+
+``join_ops`` is any sequence of :class:`JoinOp`; stage 1 passes a :class:`JoinBatch`, the
+same operations held as columns with each record already serialised in the compact form
+(park ``[v, s, sc, p, ts]``, label ``[y, ts]``, JSON), which the stores use without
+building a :class:`JoinOp` per operation. Records parked by earlier versions (JSON objects
+``{"v": ..}`` / ``{"y": ..}``) are still read.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Final, Literal, NamedTuple, Protocol, overload
 
 import orjson
 
@@ -92,6 +98,190 @@ class JoinOutcome(NamedTuple):
 
 
 JOIN_OUTCOMES: tuple[str, ...] = ("joined", "duplicate", "early", "duplicate_request")
+_PARK_FIELDS: Final = ("v", "s", "sc", "p", "ts")
+_LABEL_FIELDS: Final = ("y", "ts")
+
+
+def encode_record(op: str, record: Mapping[str, Any]) -> bytes:
+    """The compact serialised form of a join record: park ``[v, s, sc, p, ts]``, label
+    ``[y, ts]`` (JSON; numbers exactly as orjson prints them).
+
+    >>> encode_record("park", {"v": "v1", "s": ["r=eu"], "sc": 0.5, "p": "1", "ts": 2.5})
+    b'["v1",["r=eu"],0.5,"1",2.5]'
+    >>> encode_record("label", {"y": "0", "ts": 3.0})
+    b'["0",3.0]'
+    """
+    names = _PARK_FIELDS if op == "park" else _LABEL_FIELDS
+    try:
+        return orjson.dumps([record[n] for n in names])
+    except KeyError as err:
+        raise ValueError(
+            f"record: {op} records need the fields {', '.join(names)}; missing {err}"
+        ) from None
+
+
+def decode_record(op: str, raw: bytes | str | Any) -> dict[str, Any]:
+    """A record as a mapping, from its compact form or the older JSON-object form.
+
+    >>> decode_record("label", b'["0",3.0]')
+    {'y': '0', 'ts': 3.0}
+    """
+    doc = orjson.loads(raw) if isinstance(raw, bytes | str) else raw
+    if isinstance(doc, dict):
+        return doc
+    return dict(zip(_PARK_FIELDS if op == "park" else _LABEL_FIELDS, doc, strict=True))
+
+
+def make_pair(model_id: str, request_id: str, tick: int, pred: Any, label: Any) -> JoinedPair:
+    """The :class:`JoinedPair` of a decoded prediction and label record (either form)."""
+    if type(pred) is list:
+        v, s, sc, p, pts = pred
+    else:
+        v, s, sc, p, pts = pred["v"], pred["s"], pred["sc"], pred["p"], pred["ts"]
+    if type(label) is list:
+        y, lts = label
+    else:
+        y, lts = label["y"], label["ts"]
+    return JoinedPair(
+        model_id, request_id, tick, str(v), tuple(s), sc, str(p), str(y), float(pts), float(lts)
+    )
+
+
+class _LazyRecord(Mapping[str, Any]):
+    """A serialised record decoded on first access (iterating a JoinBatch only for model
+    ids and op kinds, as metrics do, decodes nothing)."""
+
+    __slots__ = ("_doc", "_kind", "_raw")
+
+    def __init__(self, kind: str, raw: bytes) -> None:
+        self._kind = kind
+        self._raw = raw
+        self._doc: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = decode_record(self._kind, self._raw)
+        return self._doc
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
+class JoinBatch(Sequence[JoinOp]):
+    """A batch's join operations as columns (what stage 1 produces; see the module doc).
+
+    ``records[i]`` is the op's compact serialised record (:func:`encode_record`). Indexing or
+    iterating yields :class:`JoinOp` values with the record decoded, so a JoinBatch can be
+    passed wherever a ``Sequence[JoinOp]`` is expected.
+
+    >>> b = JoinBatch.from_ops([JoinOp("label", "m", "r1", 7, 60.0, {"y": "1", "ts": 2.0})])
+    >>> len(b), b.records[0], dict(b[0].record)
+    (1, b'["1",2.0]', {'y': '1', 'ts': 2.0})
+    """
+
+    __slots__ = ("model_ids", "parks", "records", "request_ids", "ticks", "ttl_s")
+
+    def __init__(
+        self,
+        *,
+        parks: list[bool],
+        model_ids: list[str],
+        request_ids: list[str],
+        ticks: list[int],
+        ttl_s: list[float],
+        records: list[bytes],
+    ) -> None:
+        n = len(parks)
+        cols = (model_ids, request_ids, ticks, ttl_s, records)
+        if any(len(c) != n for c in cols):
+            lens = ", ".join(str(len(c)) for c in (parks, *cols))
+            raise ValueError(f"JoinBatch: columns must have equal lengths, got {lens}")
+        self.parks = parks
+        self.model_ids = model_ids
+        self.request_ids = request_ids
+        self.ticks = ticks
+        self.ttl_s = ttl_s
+        self.records = records
+
+    @classmethod
+    def from_ops(cls, ops: Sequence[JoinOp]) -> JoinBatch:
+        """The columns of ``ops`` (returned as is when already a JoinBatch)."""
+        if isinstance(ops, JoinBatch):
+            return ops
+        parks: list[bool] = []
+        for i, op in enumerate(ops):
+            if op.op not in ("park", "label"):
+                raise ValueError(
+                    f"join_ops[{i}].op: {op.op!r} is not valid; valid values: park, label"
+                )
+            parks.append(op.op == "park")
+        return cls(
+            parks=parks,
+            model_ids=[op.model_id for op in ops],
+            request_ids=[op.request_id for op in ops],
+            ticks=[op.tick for op in ops],
+            ttl_s=[op.ttl_s for op in ops],
+            records=[encode_record(op.op, op.record) for op in ops],
+        )
+
+    def __len__(self) -> int:
+        return len(self.parks)
+
+    def _op(self, i: int) -> JoinOp:
+        kind: Literal["park", "label"] = "park" if self.parks[i] else "label"
+        return JoinOp(
+            kind,
+            self.model_ids[i],
+            self.request_ids[i],
+            self.ticks[i],
+            self.ttl_s[i],
+            _LazyRecord(kind, self.records[i]),
+        )
+
+    @overload
+    def __getitem__(self, i: int) -> JoinOp: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> JoinBatch: ...
+
+    def __getitem__(self, i: int | slice) -> JoinOp | JoinBatch:
+        if isinstance(i, slice):
+            return JoinBatch(
+                parks=self.parks[i],
+                model_ids=self.model_ids[i],
+                request_ids=self.request_ids[i],
+                ticks=self.ticks[i],
+                ttl_s=self.ttl_s[i],
+                records=self.records[i],
+            )
+        if i < 0:
+            i += len(self.parks)
+        if not 0 <= i < len(self.parks):
+            raise IndexError("JoinBatch index out of range")
+        return self._op(i)
+
+    def __iter__(self) -> Iterator[JoinOp]:
+        return map(self._op, range(len(self.parks)))
+
+    def __repr__(self) -> str:
+        return f"JoinBatch({len(self)} ops: {sum(self.parks)} park)"
+
+    def op_counts(self) -> dict[tuple[str, str], int]:
+        """Operations per ``(model_id, "park" | "label")`` (metrics; no record decoding)."""
+        out: dict[tuple[str, str], int] = {}
+        for m, p in zip(self.model_ids, self.parks, strict=True):
+            k = (m, "park" if p else "label")
+            out[k] = out.get(k, 0) + 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -180,10 +370,9 @@ class _Partition:
     inbox: bytes | None = None
 
 
-@dataclass
-class _Entry:
+class _Entry(NamedTuple):
     kind: Literal["pred", "label", "joined"]
-    record: Mapping[str, Any]
+    record: bytes  # compact serialised record (b"" for "joined")
     expires_at: float
 
 
@@ -288,50 +477,53 @@ class MemoryStore:
                 del self._join[key]
 
     def _apply_join(self, partition: int, ops: Sequence[JoinOp]) -> JoinResult:
+        batch = JoinBatch.from_ops(ops)
         now = self.clock()
         self._sweep(now)
-        pairs: list[JoinedPair] = []
+        joined: list[tuple[str, str, int, bytes, bytes]] = []  # model, request, tick, P, L
         outcomes: list[JoinOutcome] = []
-        for op in ops:
-            key = (partition, op.model_id, op.request_id)
+        for is_park, model_id, request_id, tick, ttl_s, rec in zip(
+            batch.parks,
+            batch.model_ids,
+            batch.request_ids,
+            batch.ticks,
+            batch.ttl_s,
+            batch.records,
+            strict=True,
+        ):
+            key = (partition, model_id, request_id)
             e = self._get(key, now)
-            if op.op == "park":
+            if is_park:
                 if e is None:
-                    if op.ttl_s > 0:
-                        self._put(key, _Entry("pred", op.record, now + op.ttl_s))
+                    if ttl_s > 0:
+                        self._put(key, _Entry("pred", rec, now + ttl_s))
                 elif e.kind == "label":
-                    pairs.append(_pair(op, op.record, e.record))
-                    outcomes.append(JoinOutcome(op.model_id, op.tick, "joined"))
-                    self._put(key, _Entry("joined", {}, now + op.ttl_s))
+                    joined.append((model_id, request_id, tick, rec, e.record))
+                    outcomes.append(JoinOutcome(model_id, tick, "joined"))
+                    self._put(key, _Entry("joined", b"", now + ttl_s))
                 else:
-                    outcomes.append(JoinOutcome(op.model_id, op.tick, "duplicate_request"))
+                    outcomes.append(JoinOutcome(model_id, tick, "duplicate_request"))
             elif e is None:
-                outcomes.append(JoinOutcome(op.model_id, op.tick, "early"))
-                if op.ttl_s > 0:
-                    self._put(key, _Entry("label", op.record, now + op.ttl_s))
+                outcomes.append(JoinOutcome(model_id, tick, "early"))
+                if ttl_s > 0:
+                    self._put(key, _Entry("label", rec, now + ttl_s))
             elif e.kind == "pred":
-                pairs.append(_pair(op, e.record, op.record))
-                outcomes.append(JoinOutcome(op.model_id, op.tick, "joined"))
-                self._put(key, _Entry("joined", {}, now + op.ttl_s))
+                joined.append((model_id, request_id, tick, e.record, rec))
+                outcomes.append(JoinOutcome(model_id, tick, "joined"))
+                self._put(key, _Entry("joined", b"", now + ttl_s))
             else:  # joined already, or a second early label for the same request
-                outcomes.append(JoinOutcome(op.model_id, op.tick, "duplicate"))
-        return JoinResult(tuple(pairs), tuple(outcomes))
+                outcomes.append(JoinOutcome(model_id, tick, "duplicate"))
+        pairs: tuple[JoinedPair, ...] = ()
+        if joined:
+            # two orjson.loads for all pairs instead of two per pair
+            preds = orjson.loads(b"[" + b",".join([j[3] for j in joined]) + b"]")
+            labels = orjson.loads(b"[" + b",".join([j[4] for j in joined]) + b"]")
+            pairs = tuple(
+                make_pair(j[0], j[1], j[2], pr, la)
+                for j, pr, la in zip(joined, preds, labels, strict=True)
+            )
+        return JoinResult(pairs, tuple(outcomes))
 
     def join_size(self) -> int:
         """Entries currently held in the join buffer (tests, metrics)."""
         return len(self._join)
-
-
-def _pair(op: JoinOp, pred: Mapping[str, Any], label: Mapping[str, Any]) -> JoinedPair:
-    return JoinedPair(
-        op.model_id,
-        op.request_id,
-        op.tick,
-        str(pred["v"]),
-        tuple(pred["s"]),
-        pred["sc"],
-        str(pred["p"]),
-        str(label["y"]),
-        float(pred["ts"]),
-        float(label["ts"]),
-    )

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +27,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scripts.services import RedisService
 from stream.redis_store import RedisStore
-from stream.store import Fenced, JoinOp, JoinResult, MemoryStore, OutMessage, StateStore
+from stream.store import (
+    Fenced,
+    JoinOp,
+    JoinOutcome,
+    JoinResult,
+    MemoryStore,
+    OutMessage,
+    StateStore,
+)
 from tests.unit.stream.store_contract import Factory, StoreContract, label, park
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -117,7 +126,7 @@ def _ttl_expiry_real_time(make_store: Factory) -> None:
     asyncio.run(body())
 
 
-def test_join_keys_carry_the_label_horizon_as_ttl(redis_url: str) -> None:
+def test_join_buffer_entries_carry_the_label_horizon_as_expiry(redis_url: str) -> None:
     async def body(store: RedisStore) -> None:
         c = await store.claim("ingest", 2, "w")
         await store.commit(
@@ -128,11 +137,125 @@ def test_join_keys_carry_the_label_horizon_as_ttl(redis_url: str) -> None:
             next_offset={},
             join_ops=[park("a", ttl=3600.0), label("b", ttl=120.0), park("zero", ttl=0.0)],
         )
-        ttl_a = await store.redis.pttl(store._key("ingest", 2, "j:m:a"))
-        ttl_b = await store.redis.pttl(store._key("ingest", 2, "j:m:b"))
-        assert 3_500_000 < ttl_a <= 3_600_000
-        assert 110_000 < ttl_b <= 120_000
-        assert await store.redis.exists(store._key("ingest", 2, "j:m:zero")) == 0
+        sec, usec = await store.redis.time()
+        now_ms = sec * 1000 + usec // 1000
+        meta = await store.redis.hgetall(store._key("ingest", 2, "jmeta"))
+        width = int(meta[b"w"])
+        assert width == 3_600_000 and int(meta[b"maxttl"]) == 3_600_000
+        assert int(meta.get(b"v1until", 0)) == 0  # a fresh partition: no format-1 keys
+        hk = store._key("ingest", 2, f"j2:{now_ms // width}")
+        entries = await store.redis.hgetall(hk)
+        assert set(entries) == {b"m:a", b"m:b"}  # a TTL of 0 parks nothing
+        exp_a, exp_b = int(entries[b"m:a"][:13]), int(entries[b"m:b"][:13])
+        assert 3_500_000 < exp_a - now_ms <= 3_600_000
+        assert 110_000 < exp_b - now_ms <= 120_000
+        assert entries[b"m:a"][13:14] == b"P" and entries[b"m:b"][13:14] == b"L"
+        # the generation hash outlives every entry in it, and then goes away by itself
+        assert exp_a < now_ms + await store.redis.pttl(hk) <= now_ms + 2 * width + 1000
+
+    _run(redis_url, body)
+
+
+@pytest.mark.parametrize("skew_ms", [0, 400, -3_600_000, 3_600_000])
+def test_join_expiry_uses_redis_clock_when_the_worker_clock_is_off(
+    redis_url: str, skew_ms: int
+) -> None:
+    """Expiries come from the worker's clock within 1 s of Redis's, else from Redis's."""
+
+    async def body(store: RedisStore) -> None:
+        store._wall_ms = lambda: int(time.time() * 1000) + skew_ms  # type: ignore[method-assign]
+        c = await store.claim("ingest", 0, "w")
+        g = c.generation
+        await store.commit("ingest", 0, g, state=b"", next_offset={},
+                           join_ops=[park("a", ttl=60.0), label("b", ttl=60.0)])  # fmt: skip
+        sec, usec = await store.redis.time()
+        now_ms = sec * 1000 + usec // 1000
+        width = int((await store.redis.hgetall(store._key("ingest", 0, "jmeta")))[b"w"])
+        entries = await store.redis.hgetall(store._key("ingest", 0, f"j2:{now_ms // width}"))
+        used = skew_ms if abs(skew_ms) <= 1000 else 0
+        for f in (b"m:a", b"m:b"):
+            assert abs(int(entries[f][:13]) - (now_ms + used + 60_000)) < 500
+        r = await store.commit("ingest", 0, g, state=b"", next_offset={},
+                               join_ops=[label("a"), park("b")])  # fmt: skip
+        assert [o.outcome for o in r.outcomes] == ["joined", "joined"]
+
+    _run(redis_url, body)
+
+
+def test_a_successor_with_a_slower_clock_finds_entries_across_a_generation_boundary(
+    redis_url: str,
+) -> None:
+    """Worker A (clock 0.9 s ahead) writes just after a generation boundary on its clock;
+    worker B (clock 0.9 s behind, still before that boundary) takes over: B must see A's
+    entries and its own writes must not hide behind them."""
+
+    async def body(store: RedisStore) -> None:
+        width = 5_000  # the first batch's largest TTL
+        store._wall_ms = lambda: int(time.time() * 1000) + 900  # type: ignore[method-assign]
+        c = await store.claim("ingest", 0, "A")
+        while True:  # Redis time 4.4-4.6 s into a generation: A is past the boundary, B not
+            sec, usec = await store.redis.time()
+            phase = (sec * 1000 + usec // 1000) % width
+            if 4_400 <= phase <= 4_600:
+                break
+            await asyncio.sleep(((4_500 - phase) % width) / 1000)
+        await store.commit("ingest", 0, c.generation, state=b"", next_offset={},
+                           join_ops=[park("x", ttl=5.0), label("y", ttl=5.0)])  # fmt: skip
+        b = RedisStore(redis_url, prefix=store.prefix)
+        b._wall_ms = lambda: int(time.time() * 1000) - 900  # type: ignore[method-assign]
+        try:
+            cb = await b.claim("ingest", 0, "B")
+            r = await b.commit("ingest", 0, cb.generation, state=b"", next_offset={},
+                               join_ops=[label("x", ttl=5.0), park("z", ttl=5.0)])  # fmt: skip
+            assert [o.outcome for o in r.outcomes] == ["joined"]
+            r = await b.commit("ingest", 0, cb.generation, state=b"", next_offset={},
+                               join_ops=[label("x", ttl=5.0), park("y", ttl=5.0),
+                                         label("z", ttl=5.0)])  # fmt: skip
+            assert [o.outcome for o in r.outcomes] == ["duplicate", "joined", "joined"]
+        finally:
+            await b.close()
+
+    _run(redis_url, body)
+
+
+def test_format1_join_buffer_and_inbox_survive_an_upgrade(redis_url: str) -> None:
+    """What a format-1 worker (one key per request, JSON-object records) left behind is read."""
+
+    def pred(v: str) -> str:
+        return '{"v":"' + v + '","s":["region=eu"],"sc":0.25,"p":"1","ts":10.5}'
+
+    inbox1 = orjson.dumps(
+        {
+            "meta": [["m", "x", 3], ["m", "y", 4]],
+            "results": [["joined", pred("v0"), '{"y":"0","ts":11.5}'], ["parked", "", ""]],
+        }
+    )
+
+    async def body(store: RedisStore) -> None:
+        j = store._key("ingest", 0, "j:m:")
+        await store.redis.set(j + "old", "P" + pred("v9"), px=60_000)
+        await store.redis.set(j + "early", 'L{"y":"1","ts":12.5}', px=60_000)
+        await store.redis.set(j + "done", "J", px=60_000)
+        await store.redis.set(store._key("ingest", 0, "inbox"), inbox1)
+        c = await store.claim("ingest", 0, "upgraded")
+        assert c.inbox.outcomes == (JoinOutcome("m", 3, "joined"),)
+        (p0,) = c.inbox.pairs
+        assert (p0.request_id, p0.tick, p0.version, p0.label, p0.score) == ("x", 3, "v0", "0", 0.25)
+        ops = [label("old", tick=5), park("early", tick=6), label("done"), park("done"),
+               park("new"), label("new", tick=9)]  # fmt: skip
+        r = await store.commit("ingest", 0, c.generation, state=b"", next_offset={}, join_ops=ops)
+        assert [o.outcome for o in r.outcomes] == [
+            "joined", "joined", "duplicate", "duplicate_request", "joined"
+        ]  # fmt: skip
+        assert [(p.request_id, p.version, p.label, p.tick) for p in r.pairs] == [
+            ("old", "v9", "1", 5), ("early", "v1", "1", 6), ("new", "v1", "1", 9)
+        ]  # fmt: skip
+        assert (await store.redis.hgetall(store._key("ingest", 0, "jmeta")))[b"v1until"]
+        r = await store.commit(
+            "ingest", 0, c.generation, state=b"", next_offset={}, join_ops=[label("old")]
+        )
+        assert [o.outcome for o in r.outcomes] == ["duplicate"]  # joined stays joined
+        assert (await store.claim("ingest", 0, "again")).inbox == r
 
     _run(redis_url, body)
 
@@ -391,7 +514,7 @@ _op = st.tuples(
     st.sampled_from(["m1", "m2"]),
     st.sampled_from(_REQS),
     st.integers(0, 5),
-    st.sampled_from([600.0, 3600.0]),
+    st.sampled_from([0.0, 600.0, 3600.0]),
     st.sampled_from(["0", "1"]),
 )
 _action = st.one_of(
