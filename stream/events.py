@@ -139,6 +139,7 @@ class Reject(NamedTuple):
     position: int = -1  # index inside a JSON-array message; -1 = the whole message
     event_id: str | None = None
     model_id: str | None = None
+    raw: bytes | None = None  # the event's own bytes (array elements); None = the message
 
 
 class RawMessage(NamedTuple):
@@ -474,6 +475,17 @@ def _lenient_loads(raw: bytes) -> Any:
     return json.loads(raw)
 
 
+def _element_bytes(d: object, lenient: bool) -> bytes:
+    """One event of an array message as compact JSON (NaN/Infinity kept as tokens when the
+    message had them): what its dead-letter record keeps instead of the whole message, so
+    that rejecting the N events of one message does not store the message's head N times."""
+    if lenient:
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+    return orjson.dumps(d)
+
+
 def _has_non_finite(v: object) -> bool:
     t = type(v)
     if t is float:
@@ -597,6 +609,7 @@ class Decoder:
                         idx,
                         eid if type(eid) is str else None,
                         mid if type(mid) is str else None,
+                        None if idx < 0 else _element_bytes(d, lenient),
                     )
                 )
                 continue
@@ -749,9 +762,14 @@ def deadletter_record(
     """The dead-letter record for ``reject`` (schema ``deadletter.schema.json``).
 
     The raw value is kept as base64 of its first ``raw_limit`` bytes, so the exact bytes
-    survive whatever their encoding; ``raw_truncated`` says whether it was cut.
+    survive whatever their encoding; ``raw_truncated`` says whether it was cut. For one
+    event of a JSON-array message (``reject.raw`` set by the decoder) it is that event
+    re-encoded as compact JSON instead of the message's head: a message of 10,000 rejected
+    events then costs 10,000 small records, not 10,000 copies of its first 4 KiB. ``size``
+    is always the whole message's size.
     """
-    raw = msg.value[:raw_limit]
+    src = msg.value if reject.raw is None else reject.raw
+    raw = src[:raw_limit]
     return {
         "deadletter_id": f"{msg.topic}:{msg.partition}:{msg.offset}:{reject.position}",
         "reason": reject.reason,
@@ -764,7 +782,7 @@ def deadletter_record(
         "index": reject.position,
         "size": len(msg.value),
         "raw_b64": base64.b64encode(raw).decode("ascii"),
-        "raw_truncated": len(msg.value) > raw_limit,
+        "raw_truncated": len(src) > raw_limit,
     }
 
 

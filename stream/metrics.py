@@ -95,9 +95,16 @@ TOPIC_ROLES: Final[tuple[str, ...]] = tuple(Topics.__dataclass_fields__)
 COMMAND_ACTIONS: Final[tuple[str, ...]] = (*ACTIONS, "release")
 MODES: Final = ("automatic", "manual")
 SUMMARY_OUTCOMES: Final = ("applied", "duplicate", "invalid")
+REQUEST_OUTCOMES: Final = ("applied", "duplicate", "invalid")
+OUTPUT_OUTCOMES: Final = ("dead_lettered", "dropped")
 JOIN_OPS: Final = ("park", "label")
 STORE_OPS: Final = ("claim", "commit", "ack_outbox", "get_killswitch", "set_killswitch")
 CHECKPOINT_ERRORS: Final = ("fenced", "connection", "timeout", "other")
+STATE_RECOVERIES: Final = ("rollback", "replay", "reset")
+"""How a claim found and handled lost state: ``rollback`` (the Redis checkpoint is behind
+the Kafka-committed offsets: replayed from it), ``replay`` (state missing, the log still
+holds everything: replayed from offset 0, exact), ``reset`` (state missing, the log does
+not: fresh state from the committed offset, ``state_reset`` alert published)."""
 
 CHECKPOINT_BUCKETS: Final = (
     0.0005,
@@ -205,6 +212,13 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         ("topic",),
         "Messages acknowledged by the broker, by topic role.",
     ),
+    "driftline_output_too_large": (
+        "counter",
+        ("topic", "outcome"),
+        "Output messages the producer or broker refused as too large, by topic role: "
+        "dead_lettered (reason output_too_large) or dropped (the dead-letter topic refused "
+        "the record too).",
+    ),
     "driftline_drift_statistic": (
         "gauge",
         ("model", "version", "kind", "detector", "feature", "slice"),
@@ -229,6 +243,12 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "counter",
         ("model", "action", "mode"),
         "Kill-switch control commands (trips and releases).",
+    ),
+    "driftline_killswitch_requests": (
+        "counter",
+        ("model", "outcome"),
+        "Manual kill-switch requests read by stage 2: applied, duplicate (request id already "
+        "applied, dropped) or invalid.",
     ),
     "driftline_killswitch_active": (
         "gauge",
@@ -264,6 +284,13 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "counter",
         (),
         "State-store requests retried after a connection error or timeout.",
+    ),
+    "driftline_state_recoveries": (
+        "counter",
+        ("stage", "outcome"),
+        "Claims that found lost state, by outcome: rollback (Redis behind the committed "
+        "Kafka offsets, replayed from its checkpoint), replay (state missing, replayed from "
+        "offset 0, exact), reset (state missing, fresh state, state_reset alert).",
     ),
     "driftline_batch_messages": ("histogram", ("stage",), "Messages per processed batch."),
     "driftline_batch_duration_seconds": (
@@ -443,12 +470,15 @@ class Metrics:
         self.alerts = counter("driftline_alerts")
         self.killswitch_commands = counter("driftline_killswitch_commands")
         self.killswitch_active = gauge("driftline_killswitch_active")
+        self.killswitch_requests = counter("driftline_killswitch_requests")
+        self.output_too_large = counter("driftline_output_too_large")
         self.consumer_lag = gauge("driftline_consumer_lag_messages")
         self.checkpoint_duration = hist("driftline_checkpoint_duration_seconds", CHECKPOINT_BUCKETS)
         self.checkpoint_errors = counter("driftline_checkpoint_errors")
         self.last_checkpoint = gauge("driftline_last_checkpoint_timestamp_seconds")
         self.store_round_trips = counter("driftline_store_round_trips")
         self.store_retries = counter("driftline_store_retries")
+        self.state_recoveries = counter("driftline_state_recoveries")
         self.batch_messages = hist("driftline_batch_messages", BATCH_MESSAGE_BUCKETS)
         self.batch_duration = hist("driftline_batch_duration_seconds", BATCH_DURATION_BUCKETS)
         _, lab, doc = FAMILIES["driftline_prediction_score"]
@@ -467,6 +497,8 @@ class Metrics:
             self.events_rejected.labels(reason)
         for role in TOPIC_ROLES:
             self.messages_published.labels(role)
+            for outcome in OUTPUT_OUTCOMES:
+                self.output_too_large.labels(role, outcome)
         for m in config.models:
             self.labels.labels(m)
             self.late_events.labels(m)
@@ -480,6 +512,8 @@ class Metrics:
                     self.alerts.labels(m, kind, sev)
             for outcome in JOIN_OUTCOMES:
                 self.join_outcomes.labels(m, outcome)
+            for outcome in REQUEST_OUTCOMES:
+                self.killswitch_requests.labels(m, outcome)
             for op in JOIN_OPS:
                 self.join_ops.labels(m, op)
         started = self.clock()
@@ -491,6 +525,8 @@ class Metrics:
             self.checkpoint_duration.labels(st)
             self.batch_messages.labels(st)
             self.batch_duration.labels(st)
+            for outcome in STATE_RECOVERIES:
+                self.state_recoveries.labels(st, outcome)
             for e in CHECKPOINT_ERRORS:
                 self.checkpoint_errors.labels(st, e)
         for o in SUMMARY_OUTCOMES:
@@ -771,6 +807,17 @@ class Metrics:
         for role, n in c.items():
             self.messages_published.labels(role).inc(n)
 
+    def observe_output_too_large(self, topic: str, *, dead_lettered: bool) -> None:
+        """Count one output message refused as too large (dead-lettered or dropped)."""
+        outcome = "dead_lettered" if dead_lettered else "dropped"
+        self.output_too_large.labels(self.topic_label(topic), outcome).inc()
+
+    def observe_killswitch_request(self, model_id: object, outcome: str) -> None:
+        """Count one manual kill-switch request read by stage 2 (see REQUEST_OUTCOMES)."""
+        self.killswitch_requests.labels(
+            self.model_label(model_id), self._pick(outcome, REQUEST_OUTCOMES)
+        ).inc()
+
     def set_consumer_lag(self, topic: str, partition: int, lag: float) -> None:
         self.consumer_lag.labels(self.topic_label(topic), self.partition_label(partition)).set(
             max(0.0, lag)
@@ -792,6 +839,12 @@ class Metrics:
 
     def set_join_pending(self, n: int) -> None:
         self.join_pending.set(n)
+
+    def observe_state_recovery(self, stage: str, outcome: str) -> None:
+        """A claim found lost state and handled it (``outcome`` in :data:`STATE_RECOVERIES`)."""
+        self.state_recoveries.labels(
+            self._pick(stage, STAGES), self._pick(outcome, STATE_RECOVERIES)
+        ).inc()
 
     def observe_store_counters(self, round_trips: int, retries: int) -> None:
         """Advance the store counters from the store's running totals (e.g.

@@ -506,6 +506,9 @@ class RedisStore:
         self.round_trips = 0
         self.retries = 0
         self.write_refusals = 0  # retries caused by OOM / MISCONF (also in ``retries``)
+        # monotonic time of the first failure of the request being retried now; None while
+        # Redis answers (the worker reports not-ready meanwhile)
+        self.failing_since: float | None = None
 
     @staticmethod
     def _wall_ms() -> int:
@@ -538,8 +541,10 @@ class RedisStore:
         while True:
             self.round_trips += 1
             try:
-                return await fn()
+                result = await fn()
             except (RedisConnectionError, RedisTimeoutError) as err:
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise
                 self.retries += 1
@@ -555,6 +560,8 @@ class RedisStore:
                 # fails the same way.
                 if not _is_write_refusal(err):
                     raise
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise
                 self.retries += 1
@@ -570,6 +577,9 @@ class RedisStore:
                 )
                 await asyncio.sleep(delay)
                 delay = min(cap, delay * 2)
+            else:
+                self.failing_since = None
+                return result
 
     async def _evalsha(
         self, sha: str, script: str, keys: Sequence[Any], args: Sequence[Any]

@@ -84,20 +84,33 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordListTooLargeError,
+    UnknownProducerId,
+)
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from stream.config import MonitorConfig, ServiceSettings, Topics, load_config
 from stream.detect import Detect, DetectOutput
 from stream.engine import Ingest, IngestOutput, compile_plans, tune_gc
-from stream.events import RawMessage
+from stream.events import RawMessage, Reject, deadletter_record
 from stream.metrics import Metrics
+from stream.partitioner import murmur2_partition
 from stream.profile import Profile, profile_for
 from stream.redis_store import RedisStore
 from stream.store import Fenced, JoinResult, OutMessage, StateStore
 from stream.summary import ModelPlan
 
 log = logging.getLogger("driftline.worker")
+
+_VERIFY_TIMEOUT_S: Final = 10.0
+"""How long a claim waits for Kafka's committed / log-start offsets before it resumes from
+the Redis checkpoint unverified."""
 
 MANUAL_PREFIX: Final = b'{"driftline_manual":1,'
 """Stage-2 input messages starting with this are manual kill-switch requests."""
@@ -179,35 +192,264 @@ class WorkerStats:
 
 class Publisher:
     """Sends outbox messages and waits for the broker's acks (retrying until they land);
-    acknowledged messages are counted in ``metrics`` (``driftline_messages_published``)."""
+    acknowledged messages are counted in ``metrics`` (``driftline_messages_published``).
+
+    A message the broker refuses as too large (``MESSAGE_TOO_LARGE``, ``RECORD_LIST_TOO_LARGE``,
+    e.g. an output topic whose ``max.message.bytes`` is below a summary's size) or that the
+    producer refuses before sending (larger than ``max_request_size``) can never be
+    delivered: retrying it would stall its stage forever. It is sent alone once more (a
+    refusal of a whole batch may hit messages that were only batched with it), and if it is
+    refused alone it becomes a dead-letter record (reason ``output_too_large``, raw bytes
+    capped as for input dead letters) and ``driftline_output_too_large_total`` counts it.
+
+    A refusal breaks the idempotent producer's sequence numbers (the next batch of that
+    partition fails with ``OUT_OF_ORDER_SEQUENCE_NUMBER``), so the producer is replaced by a
+    new one from ``factory`` (``on_producer`` is told); without a factory the producer is
+    kept, which only suits a non-idempotent producer. So that a misconfigured topic does not
+    cost a producer per message, the smallest size refused alone is remembered per topic
+    for ``relearn_s``: messages at least that large are dead-lettered without being sent.
+
+    ``limits`` (each output topic's ``max.message.bytes``, :func:`topic_message_limits`)
+    makes refusals rare: a message whose one-record batch is larger is dead-lettered before
+    it is sent. That matters for order: after a refused batch the broker may still append
+    the partition's next batch, so a refused message re-sent alone lands after later ones,
+    and stage 2 drops a summary whose seq is not above the last one it applied. With the
+    limits known (and the producer's batch size capped to the smallest), nothing is
+    refused and order holds; without them (no DescribeConfigs permission, or a limit
+    lowered at run time) a refusal can cost the order of that publish's messages.
+    """
 
     def __init__(
         self,
         producer: AIOKafkaProducer,
         backoff_s: tuple[float, float] = (0.1, 5.0),
         metrics: Metrics | None = None,
+        *,
+        factory: Callable[[], AIOKafkaProducer] | None = None,
+        on_producer: Callable[[AIOKafkaProducer], None] | None = None,
+        deadletter_topic: str | None = None,
+        relearn_s: float = 60.0,
+        limits: Mapping[str, int] | None = None,
     ):
         self.producer = producer
         self.backoff_s = backoff_s
         self.metrics = metrics
+        self.factory = factory
+        self.on_producer = on_producer
+        self.deadletter_topic = deadletter_topic
+        self.resets = 0
+        self.too_large: Counter[str] = Counter()  # topic -> dead-lettered (tests, logs)
+        self.relearn_s = relearn_s
+        self.limits: dict[str, int] = dict(limits or {})
+        self._warned: set[str] = set()
+        self._refused: dict[str, tuple[int, float]] = {}  # topic -> (size, monotonic time)
+        self._reset_lock = asyncio.Lock()
+        # one publish at a time (both stages share the producer): a producer replaced by one
+        # caller must not fail or reorder another caller's messages in flight on it
+        self._lock = asyncio.Lock()
+
+    def _known_too_large(self, m: OutMessage) -> bool:
+        limit = self.limits.get(m.topic)
+        if limit is not None and _batch_bytes(m) > limit:
+            return True
+        seen = self._refused.get(m.topic)
+        if seen is None:
+            return False
+        if time.monotonic() - seen[1] > self.relearn_s:
+            del self._refused[m.topic]  # the topic's limit may have been raised: try again
+            return False
+        return len(m.key) + len(m.value) >= seen[0]
+
+    def _learn_refused(self, m: OutMessage) -> None:
+        size = len(m.key) + len(m.value)
+        seen = self._refused.get(m.topic)
+        if seen is None or size < seen[0]:
+            self._refused[m.topic] = (size, time.monotonic())
 
     async def publish(self, msgs: Sequence[OutMessage]) -> None:
+        """Publish ``msgs``; return once each is acknowledged or dead-lettered as too large."""
         if not msgs:
             return
+        async with self._lock:
+            await self._publish(msgs)
+
+    async def _publish(self, msgs: Sequence[OutMessage]) -> None:
+        pending = list(msgs)
+        delay, cap = self.backoff_s
+        while pending:
+            producer = self.producer
+            futs: list[tuple[OutMessage, Any]] = []
+            failed: dict[int, BaseException] = {}  # position in pending -> error
+            for i, m in enumerate(pending):
+                if self._known_too_large(m):
+                    await self._dead_letter(m, _LEARNED)
+                    continue
+                try:
+                    futs.append((m, await producer.send(m.topic, value=m.value, key=m.key)))
+                except _TOO_LARGE as err:  # larger than max_request_size: never sent
+                    await self._dead_letter(m, err)
+                except KafkaError as err:
+                    failed[i] = err
+            results = await asyncio.gather(*[f for _, f in futs], return_exceptions=True)
+            position = {id(m): i for i, m in enumerate(pending)}
+            sent: list[OutMessage] = []
+            for (m, _), res in zip(futs, results, strict=True):
+                if isinstance(res, KafkaError | asyncio.CancelledError):  # cancelled: producer
+                    failed[position[id(m)]] = res  # stopped under it; retry on the new one
+                elif isinstance(res, BaseException):
+                    raise res
+                else:
+                    sent.append(m)
+            if sent and self.metrics is not None:
+                self.metrics.observe_published(sent)
+            if not failed:
+                return
+            # Retried in their original order. A transient failure fails the partition's
+            # later batches too (idempotent producer), so order holds; after a refusal the
+            # broker may already have appended later batches (seen on Kafka 4 with a fresh
+            # producer id): hence the size checks before sending (class docstring).
+            rest = [pending[i] for i in sorted(failed)]
+            errors = list(failed.values())
+            if any(isinstance(e, _TOO_LARGE + _BROKEN_SEQUENCE) for e in errors):
+                await self._reset(producer)
+            if any(isinstance(e, _TOO_LARGE) for e in errors):
+                # refused as too large, maybe with innocent batch mates: one at a time
+                for m in rest:
+                    await self._send_alone(m)
+                return
+            log.warning(
+                "publish of %d messages failed (%s); retry in %.1f s", len(rest), errors[0], delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(cap, delay * 2)
+            pending = rest
+
+    async def _send_alone(self, m: OutMessage) -> None:
+        """Send ``m`` on its own until acknowledged; dead letter if it is refused alone."""
         delay, cap = self.backoff_s
         while True:
-            try:
-                futs = [await self.producer.send(m.topic, value=m.value, key=m.key) for m in msgs]
-                await asyncio.gather(*futs)
-                if self.metrics is not None:
-                    self.metrics.observe_published(msgs)
+            if self._known_too_large(m):
+                await self._dead_letter(m, _LEARNED)
                 return
-            except KafkaError as err:
-                log.warning(
-                    "publish of %d messages failed (%s); retry in %.1f s", len(msgs), err, delay
-                )
+            producer = self.producer
+            try:
+                fut = await producer.send(m.topic, value=m.value, key=m.key)
+            except _TOO_LARGE as err:
+                await self._dead_letter(m, err)
+                return
+            got: tuple[Any, ...] = await asyncio.gather(fut, return_exceptions=True)
+            res = got[0]  # an exception instance or the record metadata (own cancel raises)
+            if isinstance(res, _TOO_LARGE):
+                self._learn_refused(m)
+                await self._reset(producer)
+                await self._dead_letter(m, res)
+                return
+            if isinstance(res, KafkaError | asyncio.CancelledError):
+                if isinstance(res, _BROKEN_SEQUENCE):
+                    await self._reset(producer)
+                log.warning("publish of %s failed (%r); retry in %.1f s", m.id, res, delay)
                 await asyncio.sleep(delay)
                 delay = min(cap, delay * 2)
+                continue
+            if isinstance(res, BaseException):
+                raise res
+            if self.metrics is not None:
+                self.metrics.observe_published([m])
+            return
+
+    async def _dead_letter(self, m: OutMessage, err: BaseException | str) -> None:
+        """Replace undeliverable ``m`` by its dead-letter record (never recursively)."""
+        dl = self.deadletter_topic
+        first = m.topic not in self._warned  # known-too-large: one ERROR per topic, then DEBUG
+        self._warned.add(m.topic)
+        log.log(
+            logging.DEBUG if err is _LEARNED and not first else logging.ERROR,
+            "output %s (%d bytes) to %s refused as too large (%s); %s",
+            m.id,
+            len(m.value),
+            m.topic,
+            err,
+            "dead-lettered" if dl and m.topic != dl else "DROPPED (dead-letter topic refused it)",
+        )
+        if dl is None or m.topic == dl:
+            if self.metrics is not None:
+                self.metrics.observe_output_too_large(m.topic, dead_lettered=False)
+            self.too_large[m.topic] += 1
+            return
+        partition = -1
+        with contextlib.suppress(Exception):
+            parts = await self.producer.partitions_for(m.topic)
+            partition = murmur2_partition(m.key, len(parts)) if m.key and parts else min(parts)
+        raw = RawMessage(m.topic, max(partition, 0), -1, m.value)
+        reject = Reject(
+            "output_too_large",
+            f"message: {len(m.value)} bytes to topic {m.topic!r} refused by the producer or "
+            f"broker as too large ({err if isinstance(err, str) else type(err).__name__}); "
+            "raise the topic's max.message.bytes",
+        )
+        rec = deadletter_record(reject, raw)
+        rec["deadletter_id"] = f"output:{m.id}"
+        await self._send_alone(
+            OutMessage(rec["deadletter_id"], dl, m.topic.encode(), orjson.dumps(rec))
+        )
+        if self.metrics is not None:
+            self.metrics.observe_output_too_large(m.topic, dead_lettered=True)
+        self.too_large[m.topic] += 1
+
+    async def _reset(self, broken: AIOKafkaProducer) -> None:
+        """Replace ``broken`` (its sequence numbers are out of step after a refusal)."""
+        if self.factory is None:
+            return
+        async with self._reset_lock:
+            if self.producer is not broken:
+                return  # another publish replaced it already
+            fresh = self.factory()
+            await fresh.start()
+            self.producer = fresh
+            self.resets += 1
+            if self.on_producer is not None:
+                self.on_producer(fresh)
+            log.warning("producer replaced after a refused batch (reset %d)", self.resets)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broken.stop(), 10.0)
+
+
+def _batch_bytes(m: OutMessage) -> int:
+    """Size of a record batch holding only ``m`` (what ``max.message.bytes`` limits)."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(m.key, m.value, [])
+    return size
+
+
+async def topic_message_limits(settings: ServiceSettings, topics: Sequence[str]) -> dict[str, int]:
+    """``max.message.bytes`` of each topic (DescribeConfigs); topics whose config cannot be
+    read (no permission, error) are left out: the publisher then learns from refusals."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    limits: dict[str, int] = {}
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    try:
+        await admin.start()
+        wanted = [
+            ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None})
+            for t in dict.fromkeys(topics)
+        ]
+        for resp in await asyncio.wait_for(admin.describe_configs(wanted), 15.0):
+            for error_code, _, _, name, entries in resp.resources:
+                for entry in entries if not error_code else ():
+                    if entry[0] == "max.message.bytes" and entry[1]:
+                        limits[name] = int(entry[1])
+    except Exception as err:  # the limits are an optimisation: never fail the start on them
+        log.warning("output topics' max.message.bytes unknown (%r); learning from refusals", err)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    return limits
+
+
+_TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError)
+_LEARNED: Final = "larger than the topic's max.message.bytes or than a message it refused"
+_BROKEN_SEQUENCE: Final = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
 
 
 # --------------------------------------------------------------------------- stages
@@ -267,8 +509,12 @@ class StageRunner:
             auto_offset_reset=self.opts.start_from,
             partition_assignment_strategy=(RangePartitionAssignor,),
             session_timeout_ms=self.opts.session_timeout_ms,
-            max_partition_fetch_bytes=max(1 << 20, self.opts.max_message_bytes + 4096),
-            fetch_max_bytes=max(50 << 20, self.opts.max_message_bytes + 4096),
+            max_partition_fetch_bytes=max(
+                self.settings.fetch_partition_bytes, self.opts.max_message_bytes + 4096
+            ),
+            fetch_max_bytes=max(
+                50 << 20, self.settings.fetch_partition_bytes, self.opts.max_message_bytes + 4096
+            ),
             client_id=f"{self.owner}-{self.stage}",
             **kafka_client_kwargs(self.settings),
         )
@@ -323,11 +569,17 @@ class StageRunner:
         self.fenced.discard(p)
         offsets = self._restore(p, claim.state, claim.inbox)
         stored = claim.next_offset or {}
+        resume = await self._verify_checkpoint(
+            p,
+            claim.generation,
+            claim.state is not None,
+            {t: offsets.get(t, stored.get(t)) for t in self.input_topics},
+        )
         for topic in self.input_topics:
             tp = TopicPartition(topic, p)
             if tp not in self.consumer.assignment():
                 continue
-            off = offsets.get(topic, stored.get(topic))
+            off = resume.get(topic)
             if off is not None:
                 self.consumer.seek(tp, int(off))
                 self._checkpointed[tp] = int(off)
@@ -358,6 +610,200 @@ class StageRunner:
             )
             self.stats.inc(f"{self.stage}_republished", len(claim.outbox))
         self._claimed_metrics(p)
+
+    async def _verify_checkpoint(
+        self, p: int, generation: int, has_state: bool, stored: Mapping[str, int | None]
+    ) -> dict[str, int | None]:
+        """Check the Redis checkpoint of partition ``p`` against the group's Kafka-committed
+        offsets; return the offset to resume each input topic from (None: ``start_from``).
+
+        Kafka's committed offsets mirror Redis checkpoints that were durable when they were
+        committed, so they are a lower bound of what Redis must hold:
+
+        * Redis offset >= committed (the normal case) or nothing committed: resume from Redis.
+        * Redis offset < committed: Redis rolled back (lost AOF tail, restore of an older
+          RDB / DUMP). State and offsets are still one consistent older checkpoint, so the
+          stage replays from it; outputs are re-emitted with the same deterministic ids.
+          WARNING log, ``<stage>_state_rollbacks``, ``driftline_state_recoveries_total
+          {outcome="rollback"}``.
+        * State missing (flushed or new Redis) but the committed offset is past the log
+          start: the state is lost. If the log still starts at offset 0 the stage replays
+          everything with fresh state (exact; ERROR log, outcome ``replay``). Otherwise it
+          resumes from the committed offset with fresh state and publishes a ``state_reset``
+          alert naming the stage, partition and offsets skipped (CRITICAL log, outcome
+          ``reset``) — never silently.
+
+        If Kafka cannot answer within ``_VERIFY_TIMEOUT_S`` the Redis checkpoint is used
+        unverified (WARNING, ``<stage>_checkpoint_unverified``).
+        """
+        assert self.consumer is not None
+        consumer = self.consumer
+        tps = [
+            TopicPartition(t, p)
+            for t in self.input_topics
+            if TopicPartition(t, p) in consumer.assignment()
+        ]
+        resume: dict[str, int | None] = dict(stored)
+        if not tps:
+            return resume
+        try:
+            got = await asyncio.wait_for(
+                asyncio.gather(*[consumer.committed(tp) for tp in tps]), _VERIFY_TIMEOUT_S
+            )
+            committed: dict[TopicPartition, int | None] = dict(zip(tps, got, strict=True))
+            # the log start (a ListOffsets round trip, up to ~0.5 s in aiokafka) matters only
+            # where an offset has no Redis offset to be compared with
+            need_start = any(
+                (committed[tp] is not None or stored.get(tp.topic) is not None)
+                and (not has_state or stored.get(tp.topic) is None)
+                for tp in tps
+            )
+            begin: dict[TopicPartition, int] = {}
+            if need_start:
+                begin = await asyncio.wait_for(consumer.beginning_offsets(tps), _VERIFY_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as err:
+            log.warning(
+                "%s/%d: cannot read the group's committed offsets (%r); resuming from the Redis "
+                "checkpoint unverified",
+                self.stage,
+                p,
+                err,
+            )
+            self.stats.inc(f"{self.stage}_checkpoint_unverified")
+            return resume
+        start = {tp: int(begin.get(tp, 0)) for tp in tps}
+        if has_state:
+            behind = {
+                tp.topic: (stored.get(tp.topic), c)
+                for tp, c in committed.items()
+                if c is not None and c > (stored.get(tp.topic) or start[tp])
+            }
+            if behind:
+                log.warning(
+                    "%s/%d: STATE ROLLBACK — the Redis checkpoint is behind the offsets "
+                    "committed to Kafka after later checkpoints (topic: (redis, kafka) %s): "
+                    "Redis lost acknowledged commits (AOF tail, older RDB / DUMP). It is still "
+                    "one consistent checkpoint: replaying from it, outputs re-emitted with the "
+                    "same ids",
+                    self.stage,
+                    p,
+                    behind,
+                )
+                self.stats.inc(f"{self.stage}_state_rollbacks")
+                self.metrics.observe_state_recovery(self.stage, "rollback")
+            return resume
+        # no state: offsets committed (to Kafka, or left in Redis without their state) past
+        # the log start mean that state existed and is gone
+        lost: dict[TopicPartition, int] = {}
+        for tp in tps:
+            seen = [x for x in (committed.get(tp), stored.get(tp.topic)) if x is not None]
+            if seen and max(seen) > start[tp]:
+                lost[tp] = max(seen)
+        if not lost:
+            return {t: None for t in stored}  # a partition never checkpointed: start_from
+        where = {tp.topic: {"log_start": start[tp], "committed": lost.get(tp)} for tp in tps}
+        if all(start[tp] == 0 for tp in tps):
+            log.error(
+                "%s/%d: STATE LOST — no state in Redis but offsets were committed (%s); the "
+                "log still holds everything since offset 0: replaying it with fresh state "
+                "(exact, outputs re-emitted with the same ids)",
+                self.stage,
+                p,
+                where,
+            )
+            self.stats.inc(f"{self.stage}_state_replays")
+            self.metrics.observe_state_recovery(self.stage, "replay")
+            return {t: (0 if TopicPartition(t, p) in start else None) for t in stored}
+        for tp in tps:
+            resume[tp.topic] = max(lost.get(tp, start[tp]), start[tp])
+        log.critical(
+            "%s/%d: STATE RESET — no state in Redis but offsets were committed, and the log no "
+            "longer starts at offset 0 (%s): the state cannot be rebuilt; resuming from the "
+            "committed offsets %s with FRESH state and publishing a state_reset alert",
+            self.stage,
+            p,
+            where,
+            {t: o for t, o in resume.items() if o is not None},
+        )
+        self.stats.inc(f"{self.stage}_state_resets")
+        self.metrics.observe_state_recovery(self.stage, "reset")
+        self._after_reset(p)
+        await self.worker.publisher.publish(self._reset_alerts(p, generation, where, resume))
+        return resume
+
+    def _after_reset(self, p: int) -> None:
+        """Hook: partition ``p`` restarts from fresh state (:meth:`_verify_checkpoint`)."""
+        return None
+
+    def _reset_models(self, p: int) -> list[str]:
+        """Models whose alerts a reset of partition ``p`` concerns (all, for stage 1)."""
+        return sorted(self.worker.config.models)
+
+    def _reset_alerts(
+        self,
+        p: int,
+        generation: int,
+        where: Mapping[str, Mapping[str, int | None]],
+        resume: Mapping[str, int | None],
+    ) -> list[OutMessage]:
+        """One ``state_reset`` alert per concerned model (alert.schema.json); the id is
+        deterministic per loss (stage, partition, resume offsets), so a reset detected again
+        after a crash re-publishes the same id."""
+        now = time.time()
+        sig = "-".join(f"{resume.get(t)}" for t in self.input_topics)
+        skipped = {t: {**w, "resumed_at": resume.get(t)} for t, w in where.items()}
+        n = sum(int(resume.get(t) or 0) for t in where)
+        msgs = []
+        for model in self._reset_models(p):
+            alert_id = f"{model}:*:checkpoint:{self.stage}/{p}:reset@{sig}"
+            alert = {
+                "alert_id": alert_id,
+                "model_id": model,
+                "model_version": "*",
+                "kind": "state_reset",
+                "detector": "checkpoint",
+                "feature": None,
+                "slice": None,
+                "severity": "critical",
+                "statistic": float(n),
+                "threshold": 0.0,
+                "window": {"start": now, "end": now, "n": n},
+                "reference_id": "",
+                "config_hash": self.worker.config.config_hash,
+                "detected_at": now,
+                "message": (
+                    f"{self.stage} partition {p}: state lost in Redis and the input log no "
+                    f"longer starts at offset 0; restarted with fresh state from offsets "
+                    f"{dict(resume)}: the events before them are missing from this model's "
+                    "windows and detectors"
+                    + (
+                        "; alert sequence numbers restart (ids may repeat older alerts' ids)"
+                        if self.stage == "detect"
+                        else ""
+                    )
+                ),
+                "runbook": (
+                    "Find why Redis lost the keys (FLUSHALL, eviction: maxmemory-policy must be "
+                    "noeviction, a new or restored instance). Detectors rebuild their windows "
+                    "from new traffic; treat drift verdicts of the next window as provisional."
+                ),
+                "detail": {
+                    "stage": self.stage,
+                    "partition": p,
+                    "generation": generation,
+                    "offsets": skipped,
+                },
+            }
+            msgs.append(
+                OutMessage(
+                    alert_id,
+                    self.worker.topics.alerts,
+                    model.encode(),
+                    orjson.dumps(alert),
+                )
+            )
+        self.stats.alerts.extend(orjson.loads(m.value) for m in msgs)
+        return msgs
 
     def _fence(self, p: int, err: Exception) -> None:
         log.error(
@@ -437,7 +883,12 @@ class StageRunner:
     async def _take(
         self, consumer: AIOKafkaConsumer, size: int, within: float
     ) -> dict[TopicPartition, list[Any]]:
-        """Up to ``size`` records gathered for at most ``within`` seconds (faust's take)."""
+        """Up to ``size`` records gathered for at most ``within`` seconds (faust's take).
+
+        Records, not events or bytes: closing batches at a byte limit (8 or 32 MiB, i.e.
+        ~20k or ~80k events) was measured slower than gathering for the whole ``within``
+        (``load_tests/results/batching.json``): every batch pays a fixed checkpoint and
+        publish cost, so the larger batches of a full ``within`` cost less CPU per event."""
         first_wait = int(max(self.opts.idle_check_s, 0.01) * 1000)
         got: dict[TopicPartition, list[Any]] = await consumer.getmany(
             timeout_ms=first_wait, max_records=size
@@ -600,6 +1051,14 @@ class IngestRunner(StageRunner):
             self._base[p] = (eng.watermark, time.monotonic())
         return dict(eng.next_offset)
 
+    def _after_reset(self, p: int) -> None:
+        """Fresh state after a reset: summary sequence numbers restart above any the lost
+        state can have used (wall-clock milliseconds), or stage 2 would drop the new
+        summaries as already applied (it keeps the highest seq per source partition)."""
+        eng = self.engines.get(p)
+        if eng is not None:
+            eng.seq = max(eng.seq, int(time.time() * 1000))
+
     async def process(self, records: Mapping[TopicPartition, list[Any]]) -> None:
         by_p: dict[int, list[list[tuple[int, RawMessage]]]] = {}
         for tp, recs in records.items():
@@ -679,8 +1138,34 @@ class IngestRunner(StageRunner):
         except Fenced as err:
             self._fence(p, err)
 
+    async def _caught_up(self, p: int) -> bool:
+        """Whether the consumer returned every record of partition ``p`` the log holds (its
+        position is at the last fetch's high watermark, for each input topic).
+
+        Idle flushes close ticks by wall time, so they only run on caught-up partitions:
+        while a backlog is read (a restarted worker, a replay, a lagging one), ticks close
+        on event time alone and the summaries equal an uninterrupted run's."""
+        consumer = self.consumer
+        if consumer is None:
+            return False
+        for topic in self.input_topics:
+            tp = TopicPartition(topic, p)
+            if tp not in consumer.assignment():
+                continue
+            hw = consumer.highwater(tp)
+            if hw is None:
+                return False  # not fetched since the claim
+            try:
+                pos = await asyncio.wait_for(consumer.position(tp), 1.0)
+            except (KafkaError, TimeoutError):
+                return False
+            if pos < hw:
+                return False
+        return True
+
     async def on_idle(self) -> None:
-        """Idle flush: advance an idle partition's event time by the wall time elapsed."""
+        """Idle flush: advance an idle, caught-up partition's event time by the wall time
+        elapsed (see :meth:`_caught_up`)."""
         now_m = time.monotonic()
         if now_m - self._last_idle < self.opts.idle_check_s:
             return
@@ -691,6 +1176,8 @@ class IngestRunner(StageRunner):
             base = self._base.get(p)
             if base is None or now_m - base[1] < tick:
                 continue
+            if not await self._caught_up(p):
+                continue  # a backlog is being read: ticks close on event time only
             target = base[0] + (now_m - base[1])
             out = eng.flush(target)
             if out.messages:
@@ -720,6 +1207,9 @@ class DetectRunner(StageRunner):
         t = worker.topics
         super().__init__(worker, [t.summaries], f"{worker.opts.group_prefix}-detect")
         self.engines: dict[int, Detect] = {}
+        # manual requests: ids applied per partition (bounded, persisted with the state)
+        self.manual_ids: dict[int, dict[str, None]] = {}
+        self._request_outcomes: list[tuple[str, str]] = []  # counted after the commit
 
     def owned(self) -> set[int]:
         return set(self.engines)
@@ -733,7 +1223,18 @@ class DetectRunner(StageRunner):
         det = Detect(w.config, w.plans, p, topics=w.topics, tick_s=self.settings.tick_s)
         det.restore(state)
         self.engines[p] = det
+        self.manual_ids[p] = _manual_ids_of(state)
         return dict(det.next_offset)
+
+    def _reset_models(self, p: int) -> list[str]:
+        """The configured models whose summaries (key = model id) land in partition ``p``."""
+        parts = None
+        if self.consumer is not None:
+            parts = self.consumer.partitions_for_topic(self.input_topics[0])
+        models = sorted(self.worker.config.models)
+        if not parts:
+            return models
+        return [m for m in models if murmur2_partition(m.encode(), len(parts)) == p]
 
     async def process(self, records: Mapping[TopicPartition, list[Any]]) -> None:
         topic = self.worker.topics.summaries
@@ -752,6 +1253,7 @@ class DetectRunner(StageRunner):
         topic = self.worker.topics.summaries
         total = DetectOutput()
         segment: list[tuple[int, bytes]] = []
+        self._request_outcomes.clear()  # of a batch whose commit failed
 
         def run_segment() -> None:
             if segment:
@@ -764,8 +1266,20 @@ class DetectRunner(StageRunner):
             if value.startswith(MANUAL_PREFIX):
                 run_segment()
                 det.next_offset[topic] = max(det.next_offset.get(topic, 0), r.offset + 1)
+                seen = self.manual_ids.setdefault(det.partition, {})
+                rid: Any = None
                 try:
                     req = orjson.loads(value)
+                    rid = req.get("request_id")
+                    if isinstance(rid, str) and rid in seen:
+                        log.info(
+                            "detect: manual request %s at offset %d already applied; dropped",
+                            rid,
+                            r.offset,
+                        )
+                        self.stats.inc("manual_duplicates")
+                        self._request_outcomes.append((str(req.get("model_id")), "duplicate"))
+                        continue
                     out = det.manual(
                         str(req["model_id"]),
                         str(req["action"]),
@@ -773,11 +1287,17 @@ class DetectRunner(StageRunner):
                         target_version=req.get("target_version"),
                         reason=str(req.get("reason", "")),
                     )
-                except (ValueError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError, AttributeError) as err:
                     log.error("detect: bad manual request at offset %d: %s", r.offset, err)
                     self.stats.inc("manual_rejected")
+                    self._request_outcomes.append(("", "invalid"))
                     continue
+                if isinstance(rid, str):
+                    seen[rid] = None
+                    while len(seen) > MANUAL_IDS_KEPT:
+                        del seen[next(iter(seen))]
                 self.stats.inc("manual_applied")
+                self._request_outcomes.append((str(req["model_id"]), "applied"))
                 _merge(total, out)
             else:
                 segment.append((r.offset, value))
@@ -801,7 +1321,7 @@ class DetectRunner(StageRunner):
         try:
             await self._checkpoint(
                 p,
-                state=det.snapshot(),
+                state=_with_manual_ids(det.snapshot(), self.manual_ids.get(p)),
                 next_offset=out.next_offset,
                 outbox=out.messages,
                 killswitch=out.killswitch,
@@ -814,6 +1334,9 @@ class DetectRunner(StageRunner):
             return
         self.stats.inc("commits")
         self.metrics.observe_detect(out)
+        for model_id, outcome in self._request_outcomes:
+            self.metrics.observe_killswitch_request(model_id, outcome)
+        self._request_outcomes.clear()
         self.metrics.observe_detector_state(det)
         for topic, off in out.next_offset.items():
             self._checkpointed[TopicPartition(topic, p)] = off
@@ -849,6 +1372,30 @@ class DetectRunner(StageRunner):
                 )
             except Fenced as err:
                 self._fence(p, err)
+
+
+MANUAL_IDS_KEPT: Final = 1024
+"""Manual request ids remembered per stage-2 partition (a replay older than that many later
+requests would be applied again; requests are rare operator actions)."""
+
+_MANUAL_IDS_KEY: Final = b',"manual_request_ids":'
+
+
+def _with_manual_ids(snapshot: bytes, ids: Mapping[str, None] | None) -> bytes:
+    """The stage-2 snapshot (a JSON object) with the applied manual request ids added as
+    ``manual_request_ids`` (spliced in: the snapshot is not parsed again). Detect.restore
+    ignores the key; :func:`_manual_ids_of` reads it back."""
+    if not ids or not snapshot.endswith(b"}"):
+        return snapshot
+    return snapshot[:-1] + _MANUAL_IDS_KEY + orjson.dumps(list(ids)) + b"}"
+
+
+def _manual_ids_of(state: bytes | None) -> dict[str, None]:
+    """The applied manual request ids stored by :func:`_with_manual_ids` (oldest first)."""
+    if not state or _MANUAL_IDS_KEY not in state:
+        return {}
+    ids = orjson.loads(state).get("manual_request_ids") or []
+    return dict.fromkeys(str(i) for i in ids)
 
 
 def _merge(total: DetectOutput, out: DetectOutput) -> None:
@@ -923,16 +1470,39 @@ class Worker:
         await self._check_topics()
         if isinstance(self.store, RedisStore):
             await self.store.ping()  # waits (with backoff) while Redis is down
-        self.producer = AIOKafkaProducer(
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=max(1 << 20, 4 * self.opts.max_message_bytes),
-            client_id=f"{self.owner}-producer",
-            **kafka_client_kwargs(self.settings),
+
+        t = self.topics
+        limits = await topic_message_limits(
+            self.settings, [t.summaries, t.alerts, t.control, t.deadletter]
         )
+        # a batch never larger than the smallest output limit: only an oversized message
+        # (dead-lettered before sending) could be refused, never its batch mates
+        batch_bytes = min([16384, *limits.values()])
+
+        def new_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_batch_size=batch_bytes,
+                max_request_size=max(1 << 20, 4 * self.opts.max_message_bytes),
+                client_id=f"{self.owner}-producer",
+                **kafka_client_kwargs(self.settings),
+            )
+
+        def replaced(producer: AIOKafkaProducer) -> None:
+            self.producer = producer
+
+        self.producer = new_producer()
         await self.producer.start()
-        self.publisher = Publisher(self.producer, metrics=self.metrics)
+        self.publisher = Publisher(
+            self.producer,
+            metrics=self.metrics,
+            factory=new_producer,
+            on_producer=replaced,
+            deadletter_topic=self.topics.deadletter,
+            limits=limits,
+        )
         if "ingest" in self.opts.stages:
             self.stages.append(IngestRunner(self))
         if "detect" in self.opts.stages:
@@ -978,7 +1548,13 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.started and all(s.assigned_once.is_set() for s in self.stages)
+        """Started, every stage assigned at least once, and the store answering (a Redis
+        outage or write refusal makes the worker not-ready, never dead: it retries)."""
+        return (
+            self.started
+            and all(s.assigned_once.is_set() for s in self.stages)
+            and getattr(self.store, "failing_since", None) is None
+        )
 
     async def report(self) -> None:
         """Set the periodic gauges: consumer lag, owned partitions, readiness, store
