@@ -22,7 +22,12 @@ Redis comes from ``DRIFTLINE_REDIS_URL`` (else a local redis-server is started);
 3. Memory. RSS of a process holding stage-1 and stage-2 engines for 1,000 models × 20
    features (config and profiles generated), the state sizes, and the Redis memory of the
    checkpointed states per monitored (model, feature) stream (``MEMORY USAGE`` and
-   ``INFO memory``), plus the Redis cost of one parked prediction in the join buffer.
+   ``INFO memory``), plus the Redis cost of one parked prediction in the join buffer. A
+   second run under tracemalloc gives the live Python heap per step and the top allocation
+   sites (file:line) each step added. ``--memory-only`` runs just this part and replaces
+   the ``memory`` section of an existing results file (the other sections are kept);
+   ``--mem-baseline-engine MODULE`` (e.g. an older ``stream.engine`` copied aside as a
+   package on ``PYTHONPATH``) also measures that engine in the same run, as ``memory.baseline``.
 4. ``--e2e``: the worker (``stream.worker.Worker``, ingest stage, RedisStore) consuming a
    Kafka topic, against the raw aiokafka baseline and the naive faust baseline of
    ``bench_consume`` on the same topic, interleaved. Targets: ≥ 100k events/s, ≥ 1/3 of
@@ -40,6 +45,7 @@ import asyncio
 import contextlib
 import cProfile
 import gc
+import importlib
 import os
 import pstats
 import shutil
@@ -80,7 +86,7 @@ from load_tests.generator import (
     produce,
 )
 from stream.config import Topics
-from stream.engine import Detect, Ingest, compile_plans, tune_gc
+from stream.engine import Ingest, compile_plans, tune_gc
 from stream.events import RawMessage
 from stream.store import MemoryStore, StateStore
 from stream.summary import ModelPlan
@@ -427,11 +433,20 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
         tracemalloc.start()
     traced: dict[str, float] = {}
     trimmed: dict[str, float] = {}
+    sites: dict[str, list[dict[str, Any]]] = {}
+    last: list[Any] = []  # the previous step's tracemalloc snapshot
+    engine = importlib.import_module(a.mem_engine)
 
     def mark(name: str) -> None:
         gc.collect()
         if trace:
             traced[name] = round(tracemalloc.get_traced_memory()[0] / 2**20, 1)
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)]
+            )
+            if last:
+                sites[name] = _top_sites(snap, last[0])
+            last[:] = [snap]
         else:
             trimmed[name + "_before_trim"] = round(rss_bytes() / 2**20, 1)
             _malloc_trim()
@@ -439,11 +454,11 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
 
     gcfg = memory_gen_config(a)
     config, profiles = monitor_config(gcfg, label_horizon=0)
-    plans = compile_plans(config, profiles)
+    plans = engine.compile_plans(config, profiles)
     mark("config_and_plans")
     rss_config = rss_bytes()
-    ing = Ingest(config, plans, 0, lateness_s=2.0, max_future_s=float("inf"))
-    det = Detect(config, plans, 0)
+    ing = engine.Ingest(config, plans, 0, lateness_s=2.0, max_future_s=float("inf"))
+    det = engine.Detect(config, plans, 0)
     mark("engines_created")
     rss_engines = rss_bytes()
     if a.mem_input:  # pre-rendered by the parent: generating here would inflate the RSS
@@ -468,7 +483,11 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
     rss_ingest = rss_bytes()
     o = ing.flush(now + 60.0)
     summaries += [(len(summaries), m.value) for m in o.messages if m.topic == TOPICS.summaries]
-    dout = det.process_raw(summaries)
+    mark("stage1_flushed_summaries_held")
+    step = a.mem_detect_batch or len(summaries) or 1  # 0: all summaries in one batch
+    dout: Any = None
+    for i in range(0, len(summaries), step):
+        dout = det.process_raw(summaries[i : i + step])
     detect_state = det.snapshot()
     n_summaries = len(summaries)
     summary_bytes = sum(len(v) for _, v in summaries)
@@ -480,6 +499,7 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
     rss_all = rss_bytes()
     if trace:
         tracemalloc.stop()
+        last.clear()
     streams = a.mem_models * a.mem_features
     out.update(
         {
@@ -491,8 +511,10 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
                 "after_stage1_with_open_ticks": round(rss_ingest / 2**20, 1),
                 "after_stage2_fed": round(rss_all / 2**20, 1),
             },
+            "engine": a.mem_engine,
             "tracemalloc": trace,
             "traced_python_heap_mb": traced or None,
+            "top_allocation_sites": sites or None,
             "rss_mb_with_malloc_trim": trimmed or None,
             "held_tick_accumulators": held_accumulators,
             "ingest_snapshot_seconds": round(snapshot_s, 4),
@@ -518,7 +540,8 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
 
 
 def memory_gen_config(a: argparse.Namespace) -> GenConfig:
-    """The memory test's events: ``mem_events_per_model`` per model over 8 s of event time."""
+    """The memory test's events: ``mem_events_per_model`` per model over ``mem_seconds``
+    (default 8) s of event time (1 s ticks: more seconds, fuller detector windows)."""
     n = a.mem_models * a.mem_events_per_model
     return GenConfig(
         n_events=n,
@@ -526,7 +549,7 @@ def memory_gen_config(a: argparse.Namespace) -> GenConfig:
         models=a.mem_models,
         versions=1,
         n_features=a.mem_features,
-        rate=n / 8.0,
+        rate=n / float(a.mem_seconds),
         label_fraction=0.0,
     )
 
@@ -558,6 +581,21 @@ def _malloc_trim() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _top_sites(snap: Any, prev: Any, top: int = 10) -> list[dict[str, Any]]:
+    """The allocation sites (file:line) that grew most from ``prev`` to ``snap``."""
+    rows = []
+    for st in snap.compare_to(prev, "lineno")[:top]:
+        frame = st.traceback[0]
+        rows.append(
+            {
+                "site": f"{_short(frame.filename)}:{frame.lineno}",
+                "mb": round(st.size_diff / 2**20, 2),
+                "blocks": st.count_diff,
+            }
+        )
+    return rows
 
 
 async def _redis_memory(
@@ -906,6 +944,86 @@ def run_e2e(a: argparse.Namespace, svc: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
+def run_memory(a: argparse.Namespace, redis_url: str | None) -> dict[str, Any]:
+    """The memory test in fresh child processes: RSS per step (+ Redis sizes), then, unless
+    ``--quick``/``--tiny``, the live heap and top allocation sites under tracemalloc; with
+    ``--mem-baseline-engine`` the same for that engine module, as ``baseline``."""
+    print(f"memory: {a.mem_models} models x {a.mem_features} features ...", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="dl-bench-mem-")) / "messages.bin"
+    write_messages(
+        tmp, messages(generate(memory_gen_config(a)), events_per_message=SDK_BATCH_EVENTS)
+    )
+    common = [
+        "--mem-models",
+        str(a.mem_models),
+        "--mem-features",
+        str(a.mem_features),
+        "--mem-events-per-model",
+        str(a.mem_events_per_model),
+        "--mem-input",
+        str(tmp),
+        "--mem-seconds",
+        str(a.mem_seconds),
+        "--mem-detect-batch",
+        str(a.mem_detect_batch),
+    ]
+
+    def measure(engine: str) -> dict[str, Any]:
+        eng = ["--mem-engine", engine]
+        out = run_child(
+            MODULE,
+            ["--child", "memory", *common, *eng, *(["--redis", redis_url] if redis_url else [])],
+            timeout=a.timeout + 300,
+        )
+        if not a.quick and not a.tiny:  # the live Python heap, with tracemalloc (slow)
+            traced = run_child(
+                MODULE,
+                ["--child", "memory", "--mem-trace", *common, *eng],
+                timeout=a.timeout + 900,
+            )
+            out["traced_python_heap_mb"] = traced["traced_python_heap_mb"]
+            out["top_allocation_sites"] = traced["top_allocation_sites"]
+        return out
+
+    try:
+        res = measure(a.mem_engine)
+        if a.mem_baseline_engine:
+            print(f"memory baseline: {a.mem_baseline_engine} ...", flush=True)
+            res["baseline"] = measure(a.mem_baseline_engine)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return res
+
+
+def memory_main(a: argparse.Namespace) -> int:
+    """``--memory-only``: the memory test alone; replaces the ``memory`` section of ``--out``
+    (other sections of an existing results file are kept)."""
+    tune_gc()
+    path = Path(a.out)
+    prev: dict[str, Any] = orjson.loads(path.read_bytes()) if path.exists() else {}
+    prev.pop("benchmark", None)
+    prev.pop("written_at", None)
+    with services(kafka=False, redis=not a.no_redis) as svc:
+        prev["memory"] = run_memory(a, svc.redis_url)
+    prev.setdefault("config", {})["memory_only_run"] = {
+        "mem_models": a.mem_models,
+        "mem_features": a.mem_features,
+        "mem_events_per_model": a.mem_events_per_model,
+        "mem_seconds": a.mem_seconds,
+        "mem_detect_batch": a.mem_detect_batch,
+        "mem_engine": a.mem_engine,
+        "mem_baseline_engine": a.mem_baseline_engine,
+        "machine": machine_info(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    out = write_results("stage1", prev, path)
+    md = markdown(prev) if "throughput" in prev else memory_markdown(prev["memory"])
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    print(memory_markdown(prev["memory"]))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     tune_gc()  # what the worker should do at start-up (the embedded runner does)
     res: dict[str, Any] = {
@@ -968,49 +1086,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         del workloads
         gc.collect()
         if not a.no_memory:
-            print(f"memory: {a.mem_models} models x {a.mem_features} features ...", flush=True)
-            tmp = Path(tempfile.mkdtemp(prefix="dl-bench-mem-")) / "messages.bin"
-            write_messages(
-                tmp,
-                messages(generate(memory_gen_config(a)), events_per_message=SDK_BATCH_EVENTS),
-            )
-            res["memory"] = run_child(
-                MODULE,
-                [
-                    "--child",
-                    "memory",
-                    "--mem-models",
-                    str(a.mem_models),
-                    "--mem-features",
-                    str(a.mem_features),
-                    "--mem-events-per-model",
-                    str(a.mem_events_per_model),
-                    "--mem-input",
-                    str(tmp),
-                    *(["--redis", svc.redis_url] if svc.redis_url else []),
-                ],
-                timeout=a.timeout + 300,
-            )
-            if not a.quick and not a.tiny:  # the live Python heap, with tracemalloc (slow)
-                traced = run_child(
-                    MODULE,
-                    [
-                        "--child",
-                        "memory",
-                        "--mem-trace",
-                        "--mem-models",
-                        str(a.mem_models),
-                        "--mem-features",
-                        str(a.mem_features),
-                        "--mem-events-per-model",
-                        str(a.mem_events_per_model),
-                        "--mem-input",
-                        str(tmp),
-                    ],
-                    timeout=a.timeout + 600,
-                )
-                res["memory"]["traced_python_heap_mb"] = traced["traced_python_heap_mb"]
-            shutil.rmtree(tmp.parent, ignore_errors=True)
+            res["memory"] = run_memory(a, svc.redis_url)
         if a.e2e:
             res["e2e"] = run_e2e(a, svc)
         else:
@@ -1146,27 +1222,51 @@ def markdown(res: dict[str, Any]) -> str:
         )
     mem = res.get("memory")
     if mem:
-        lines += [
-            "",
-            f"## Memory: {mem['models']:,} models × {mem['features']} features "
-            f"({mem['monitored_streams']:,} streams)",
-            "",
-        ]
-        lines += md_table(["RSS (MB)", "value"], [[k, v] for k, v in mem["rss_mb"].items()])
-        lines.append("")
-        keep = (
-            "rss_total_over_baseline_mb",
-            "rss_per_stream_kb",
-            "ingest_state_bytes_with_open_ticks",
-            "detect_state_bytes",
-            "detect_state_bytes_per_stream",
-            "mean_summary_bytes",
-        )
-        lines += md_table(["what", "value"], [[k, mem[k]] for k in keep])
-        if "redis" in mem:
-            lines += ["", *md_table(["Redis", "value"], list(mem["redis"].items()))]
+        lines += ["", *memory_markdown(mem).rstrip("\n").split("\n")]
     lines += ["", "## End to end (worker vs baselines, same topic)", ""]
     lines += e2e_markdown(res)
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(mem: Mapping[str, Any]) -> str:
+    """The memory section of the Markdown summary (with the baseline engine when measured)."""
+    lines = [
+        f"## Memory: {mem['models']:,} models × {mem['features']} features "
+        f"({mem['monitored_streams']:,} streams)",
+        "",
+    ]
+    base = mem.get("baseline")
+    heap, bheap = mem.get("traced_python_heap_mb") or {}, (base or {}).get("traced_python_heap_mb")
+    steps = list(mem["rss_mb"])
+    head = ["step", "RSS (MB)"] + (["baseline RSS (MB)"] if base else [])
+    rows = [[k, mem["rss_mb"][k]] + ([base["rss_mb"].get(k)] if base else []) for k in steps]
+    lines += md_table(head, rows)
+    if heap:
+        lines.append("")
+        head = ["step", "live heap (MB)"] + (["baseline heap (MB)"] if bheap else [])
+        lines += md_table(
+            head, [[k, v] + ([bheap.get(k)] if bheap else []) for k, v in heap.items()]
+        )
+    lines.append("")
+    keep = (
+        "rss_total_over_baseline_mb",
+        "rss_per_stream_kb",
+        "ingest_state_bytes_with_open_ticks",
+        "ingest_snapshot_seconds",
+        "detect_state_bytes",
+        "detect_state_bytes_per_stream",
+        "detect_snapshot_seconds",
+        "mean_summary_bytes",
+    )
+    head = ["what", "value"] + (["baseline"] if base else [])
+    lines += md_table(head, [[k, mem[k]] + ([base.get(k)] if base else []) for k in keep])
+    if "redis" in mem:
+        lines += ["", *md_table(["Redis", "value"], list(mem["redis"].items()))]
+    for step, top in (mem.get("top_allocation_sites") or {}).items():
+        lines += ["", f"Top allocation sites, step {step}:", ""]
+        lines += md_table(
+            ["site", "MB", "blocks"], [[t["site"], t["mb"], t["blocks"]] for t in top]
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1206,7 +1306,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-models", type=int, default=1000)
     ap.add_argument("--mem-features", type=int, default=20)
     ap.add_argument("--mem-events-per-model", type=int, default=100)
+    ap.add_argument("--mem-seconds", type=int, default=8, help="event time of the memory test")
+    ap.add_argument(
+        "--mem-detect-batch",
+        type=int,
+        default=0,
+        help="summaries per stage-2 batch in the memory test (0: all in one batch)",
+    )
     ap.add_argument("--mem-trace", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the memory test; replaces the memory section of --out, keeps the rest",
+    )
+    ap.add_argument("--mem-engine", default="stream.engine", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--mem-baseline-engine",
+        default=None,
+        help="also measure this engine module (e.g. an old stream.engine copied aside as a "
+        "package on PYTHONPATH) in the same run, as memory.baseline",
+    )
     ap.add_argument("--mem-input", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--e2e", action="store_true", help="also the worker on Kafka (starts Kafka)")
     ap.add_argument("--e2e-events", type=int, default=None)
@@ -1270,6 +1389,8 @@ def main(argv: list[str] | None = None) -> int:
         a.e2e_events_per_message = [SDK_BATCH_EVENTS]
     if a.e2e_only:
         return e2e_main(a)
+    if a.memory_only:
+        return memory_main(a)
     results = run(a)
     path = write_results("stage1", results, a.out)
     md = markdown(results)

@@ -35,6 +35,7 @@ alerts carry ``feature = "llm.<signal>"`` and ``slice = "prompt_version=<pv>"``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -46,9 +47,9 @@ import orjson
 from detectors.base import Detection, load
 from detectors.binary import BernoulliCUSUM, BernoulliCUSUMSpec
 from detectors.cusum import CUSUM, CUSUMSpec
-from detectors.psi import PSI
+from detectors.psi import PSI, PSISpec
 from stream.config import ModelConfig, MonitorConfig, Topics
-from stream.policy import Finding, KillSwitch, SignalPolicy, build_alert
+from stream.policy import Detail, Finding, KillSwitch, SignalPolicy, build_alert
 from stream.store import OutMessage
 from stream.summary import CALIB_BINS, LATENCY_EDGES_MS, ModelPlan
 
@@ -69,6 +70,11 @@ DETECTOR_NAMES: Final[tuple[str, ...]] = (
 MAX_VERSIONS: Final = 8
 MAX_PROMPTS: Final = 8  # prompt versions tracked per model version (least recent evicted)
 QUALITY_WINDOW_TICKS: Final = 10
+_QUALITY_DETAIL: Final = ("rate", "violations")
+_PSI_DETAIL: Final = ("p_value", "n_effective")
+_QUALITY_DETECTOR: Final = {
+    d: f"quality.{d}" for d in ("missing", "wrong_type", "out_of_range", "unknown_category")
+}
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -138,6 +144,139 @@ class TickWindow:
         return w
 
 
+_NO_TICK: Final = np.iinfo(np.int64).min
+_I32: Final = np.iinfo(np.int32)
+_RING_START: Final = 4  # rows a CountWindow starts with; doubles up to ``window`` when needed
+
+
+class CountWindow:
+    """Integer per-tick vectors over the last ``window`` ticks, in one ring buffer.
+
+    The same contract, totals and state layout as :class:`TickWindow` (whose float rows hold
+    counts exactly), in one ``(rows, width)`` int32 array (int64 once a value would not fit)
+    plus one int64 array of the tick each row holds, instead of one numpy array per tick in a
+    dict. The ring starts with ``_RING_START`` rows and doubles (up to ``window``) when two
+    ticks of the window would share a row, so sparse streams stay small; ``total()`` is one
+    masked int64 sum (exact).
+
+    >>> w = CountWindow(3, 4)
+    >>> [w.add(t, [t, 1, 0]) for t in (10, 12, 11, 14, 10)]
+    [True, True, True, True, False]
+    >>> w.total().tolist(), w.start_tick, w.newest
+    ([37, 3, 0], 11, 14)
+    >>> CountWindow.from_state(w.to_state()).to_state() == w.to_state()
+    True
+    """
+
+    __slots__ = ("newest", "rows", "slot_ticks", "width", "window")
+
+    def __init__(self, width: int, window: int) -> None:
+        self.width = width
+        self.window = window
+        self.newest: int | None = None
+        cap = max(1, min(window, _RING_START))
+        self.rows: npt.NDArray[np.signedinteger[Any]] = np.zeros((cap, width), np.int32)
+        self.slot_ticks: npt.NDArray[np.int64] = np.full(cap, _NO_TICK, np.int64)
+
+    def _row(self, tick: int, newest: int) -> int:
+        """The row of ``tick`` (claimed and zeroed when it held an expired tick); grows the
+        ring while another tick of the window holds that row."""
+        cut = newest - self.window
+        while True:
+            cap = int(self.slot_ticks.shape[0])
+            s = tick % cap
+            held = int(self.slot_ticks[s])
+            if held == tick:
+                return s
+            if held <= cut:  # empty or expired: reuse
+                self.slot_ticks[s] = tick
+                self.rows[s] = 0
+                return s
+            if cap >= self.window:  # distinct ticks of one window never share a row here
+                raise AssertionError(f"tick {tick} collides with {held} in a full ring")
+            self._grow(min(self.window, 2 * cap), newest)
+
+    def _grow(self, cap: int, newest: int) -> None:
+        live = np.flatnonzero(self.slot_ticks > newest - self.window)
+        ticks, rows = self.slot_ticks[live].tolist(), self.rows[live]
+        self.slot_ticks = np.full(cap, _NO_TICK, np.int64)
+        self.rows = np.zeros((cap, self.width), self.rows.dtype)
+        for t, r in zip(ticks, rows, strict=True):
+            row = self._row(t, newest)
+            self.rows[row] = r
+
+    def add(self, tick: int, vec: Sequence[float] | npt.NDArray[Any]) -> bool:
+        """Add ``vec`` to ``tick``'s row; False (nothing kept) when the tick left the window."""
+        newest = self.newest
+        if newest is not None and tick <= newest - self.window:
+            return False
+        if newest is None or tick > newest:
+            newest = tick
+        row = self._row(tick, newest)  # first: it may grow (replace) self.rows
+        new = self.rows[row] + np.asarray(vec, np.int64)  # int64 either way
+        self._fit(new)
+        self.rows[row] = new
+        self.newest = newest
+        return True
+
+    def _fit(self, values: npt.NDArray[np.int64]) -> None:
+        """Widen the rows to int64 before they would have to hold a value int32 cannot."""
+        if (
+            self.rows.dtype == np.int32
+            and values.shape[0]
+            and (int(values.max()) > _I32.max or int(values.min()) < _I32.min)
+        ):
+            self.rows = self.rows.astype(np.int64)
+
+    def _live(self) -> npt.NDArray[np.bool_]:
+        if self.newest is None:
+            return np.zeros(self.slot_ticks.shape[0], np.bool_)
+        return self.slot_ticks > self.newest - self.window
+
+    def total(self) -> npt.NDArray[np.int64]:
+        """Sum of the rows of the ticks in the window (int64, exact)."""
+        live = self._live()
+        rows = self.rows if live.all() else self.rows[live]
+        out: npt.NDArray[np.int64] = rows.sum(axis=0, dtype=np.int64)
+        return out
+
+    @property
+    def start_tick(self) -> int:
+        ticks = self.slot_ticks[self._live()]
+        return int(ticks.min()) if ticks.shape[0] else 0
+
+    def to_state(self) -> list[Any]:
+        """``TickWindow``'s layout (rows as floats), so either class loads the other's state."""
+        newest = self.newest
+        rows: list[list[Any]] = []
+        if newest is not None:
+            cut = newest - self.window
+            live = sorted((t, s) for s, t in enumerate(self.slot_ticks.tolist()) if t > cut)
+            as_floats = self.rows.astype(np.float64).tolist()
+            rows = [[t, as_floats[s]] for t, s in live]
+        return [self.width, self.window, newest, rows]
+
+    @classmethod
+    def from_state(cls, doc: Sequence[Any]) -> CountWindow:
+        """Load :meth:`to_state` (or a :class:`TickWindow` state of counts)."""
+        w = cls(int(doc[0]), int(doc[1]))
+        w.newest = doc[2]
+        if doc[3]:
+            cap = max(1, min(w.window, _RING_START))
+            while cap < min(w.window, len(doc[3])):
+                cap *= 2
+            cap = min(w.window, cap)
+            w.slot_ticks = np.full(cap, _NO_TICK, np.int64)
+            w.rows = np.zeros((cap, w.width), np.int32)
+            newest = int(doc[2])
+            for t, r in doc[3]:
+                row = w._row(int(t), newest)
+                values = np.rint(np.asarray(r, np.float64)).astype(np.int64)
+                w._fit(values)
+                w.rows[row] = values
+        return w
+
+
 def _percentile_from_hist(counts: FloatArray, edges: FloatArray, q: float) -> float:
     n = counts.sum()
     if n <= 0:
@@ -156,7 +295,7 @@ def _percentile_from_hist(counts: FloatArray, edges: FloatArray, q: float) -> fl
 class VersionMonitor:
     """Detector state of one model version."""
 
-    windows: dict[str, TickWindow] = field(default_factory=dict)
+    windows: dict[str, TickWindow | CountWindow] = field(default_factory=dict)
     seq_dets: dict[str, Any] = field(default_factory=dict)  # CUSUM / Bernoulli CUSUM
     warmup: dict[str, list[float]] = field(default_factory=dict)  # slice -> [n, errors]
     last_tick: int = 0
@@ -174,7 +313,7 @@ class VersionMonitor:
     @classmethod
     def from_state(cls, doc: Mapping[str, Any]) -> VersionMonitor:
         return cls(
-            windows={k: TickWindow.from_state(w) for k, w in doc["windows"].items()},
+            windows={k: _window_from_state(k, w) for k, w in doc["windows"].items()},
             seq_dets={k: load(s) for k, s in doc["seq"].items()},
             warmup={k: list(v) for k, v in doc["warmup"].items()},
             last_tick=int(doc["last_tick"]),
@@ -182,10 +321,27 @@ class VersionMonitor:
         )
 
 
+_COUNT_WINDOWS: Final = ("psi:", "quality:", "latency")
+
+
+def _window_from_state(key: str, doc: Sequence[Any]) -> TickWindow | CountWindow:
+    """Count windows (PSI, data quality, latency) load as rings, the rest (calibration and
+    cost, which sum floats) as :class:`TickWindow`; both share one state layout."""
+    if key.startswith(_COUNT_WINDOWS):
+        return CountWindow.from_state(doc)
+    return TickWindow.from_state(doc)
+
+
 class ModelMonitor:
     """Everything stage 2 keeps for one model."""
 
-    def __init__(self, plan: ModelPlan, config_hash: str, tick_s: float) -> None:
+    def __init__(
+        self,
+        plan: ModelPlan,
+        config_hash: str,
+        tick_s: float,
+        psi_cache: dict[PSISpec, PSI] | None = None,
+    ) -> None:
         self.plan = plan
         self.model: ModelConfig = plan.model
         self.config_hash = config_hash
@@ -202,8 +358,17 @@ class ModelMonitor:
         self.stale = 0  # tick data refused because it was older than a detector's window
         d = self.model.detectors
         prof = plan.profile
-        # PSI engines (stateless) per numeric/categorical feature, score and labels
+        # PSI engines (stateless) per numeric/categorical feature, score and labels; shared
+        # through ``psi_cache`` by every model with the same spec (same profile columns)
         self.psi: dict[str, PSI] = {}
+        cache: dict[PSISpec, PSI] = {} if psi_cache is None else psi_cache
+
+        def shared(spec: PSISpec) -> PSI:
+            engine = cache.get(spec)
+            if engine is None:
+                engine = cache[spec] = PSI(spec)
+            return engine
+
         params = {
             "warn": d.psi_warn,
             "critical": d.psi_critical,
@@ -213,17 +378,17 @@ class ModelMonitor:
         if prof is not None:
             for p in plan.numeric:
                 if p.name in prof.numeric:
-                    self.psi[p.name] = PSI(prof.psi_spec(prof.numeric[p.name], **params))
+                    self.psi[p.name] = shared(prof.psi_spec(prof.numeric[p.name], **params))
             for c in plan.categorical:
                 if c.name in prof.categorical:
-                    self.psi[c.name] = PSI(prof.psi_spec(prof.categorical[c.name], **params))
+                    self.psi[c.name] = shared(prof.psi_spec(prof.categorical[c.name], **params))
             for p in plan.llm:
                 if p.name in prof.numeric and not p.name.startswith("llm.flags."):
-                    self.psi[p.name] = PSI(prof.psi_spec(prof.numeric[p.name], **params))
+                    self.psi[p.name] = shared(prof.psi_spec(prof.numeric[p.name], **params))
             if prof.score is not None:
-                self.psi["@score"] = PSI(prof.psi_spec(prof.score, **params))
+                self.psi["@score"] = shared(prof.psi_spec(prof.score, **params))
             if prof.labels is not None:
-                self.psi["@labels"] = PSI(prof.psi_spec(prof.labels, **params))
+                self.psi["@labels"] = shared(prof.psi_spec(prof.labels, **params))
 
     # ----------------------------------------------------------------- detectors
 
@@ -270,18 +435,28 @@ class ModelMonitor:
             self.newest_tick = tick
         findings: list[Finding] = []
         for g in doc["groups"]:
-            vm = self._version(g["version"], tick)
+            vm = self._version(sys.intern(g["version"]), tick)
             findings += self._apply_group(vm, g, tick)
         findings += self._apply_labels(doc["labels"], tick)
         return findings
 
     def _win(self, vm: VersionMonitor, key: str, width: int, window: int) -> TickWindow:
+        """A window of float sums (calibration, cost)."""
         w = vm.windows.get(key)
         if w is None:
             w = vm.windows[key] = TickWindow(width, window)
+        assert isinstance(w, TickWindow)
         return w
 
-    def _span(self, w: TickWindow) -> tuple[float, float]:
+    def _cwin(self, vm: VersionMonitor, key: str, width: int, window: int) -> CountWindow:
+        """A window of counts (PSI bins, data quality, latency histogram)."""
+        w = vm.windows.get(key)
+        if w is None:
+            w = vm.windows[key] = CountWindow(width, window)
+        assert isinstance(w, CountWindow)
+        return w
+
+    def _span(self, w: TickWindow | CountWindow) -> tuple[float, float]:
         end = (w.newest + 1) * self.tick_s if w.newest is not None else 0.0
         return w.start_tick * self.tick_s, end
 
@@ -297,11 +472,11 @@ class ModelMonitor:
         feature: str | None,
         slice_: str | None = None,
     ) -> Finding | None:
-        w = self._win(vm, f"psi:{key}", psi.bins, self.model.detectors.psi_window_ticks)
+        w = self._cwin(vm, f"psi:{key}", psi.bins, self.model.detectors.psi_window_ticks)
         if not w.add(tick, counts):
             self.stale += 1
             return None
-        r = psi.compute(np.rint(w.total()).astype(np.int64))
+        r = psi.compute(w.total())
         if r.severity == "insufficient":
             return None
         start, end = self._span(w)
@@ -318,7 +493,7 @@ class ModelMonitor:
             start,
             end,
             r.n,
-            detail={"p_value": r.p_value, "n_effective": r.n_effective},
+            detail=Detail(_PSI_DETAIL, (r.p_value, r.n_effective)),
         )
 
     def _seq_findings(  # noqa: PLR0917
@@ -376,11 +551,11 @@ class ModelMonitor:
         bad_cat = f.get("not_allowed", 0)
         valid = f["n"] if numeric else present
         vec = [total, present, f["missing"] + nan, oor, bad_cat, f["wrong_type"], valid]
-        w = self._win(vm, f"quality:{name}", len(vec), QUALITY_WINDOW_TICKS)
+        w = self._cwin(vm, f"quality:{name}", len(vec), QUALITY_WINDOW_TICKS)
         if not w.add(tick, vec):
             self.stale += 1
             return []
-        t = w.total()
+        t = w.total().astype(np.float64)
         start, end = self._span(w)
         checks = [
             # detector, kind, violations, denominator, allowed rate
@@ -421,7 +596,7 @@ class ModelMonitor:
             out.append(
                 Finding(
                     kind,
-                    f"quality.{det}",
+                    _QUALITY_DETECTOR[det],
                     version,
                     name,
                     None,
@@ -432,7 +607,7 @@ class ModelMonitor:
                     end,
                     int(n),
                     sustain=1,
-                    detail={"rate": rate, "violations": int(k)},
+                    detail=Detail(_QUALITY_DETAIL, (rate, int(k))),
                     message=msg,
                 )
             )
@@ -755,14 +930,14 @@ class ModelMonitor:
                 )
         lat = g["latency"]
         if b.latency_ms is not None and lat["n"]:
-            w = self._win(vm, "latency", len(lat["counts"]), b.window_ticks)
-            w.add(tick, lat["counts"])
-            counts = w.total()
+            lw = self._cwin(vm, "latency", len(lat["counts"]), b.window_ticks)
+            lw.add(tick, lat["counts"])
+            counts = lw.total().astype(np.float64)
             n = int(counts.sum())
             if n >= b.min_count:
                 p = _percentile_from_hist(counts, LATENCY_EDGES_MS, b.latency_percentile)
                 sev = "warn" if p > b.latency_ms else "ok"
-                start, end = self._span(w)
+                start, end = self._span(lw)
                 out.append(
                     Finding(
                         "performance",
@@ -880,6 +1055,7 @@ class Detect:
         self.tick_s = tick_s
         self.models: dict[str, ModelMonitor] = {}
         self.next_offset: dict[str, int] = {}
+        self._psi_cache: dict[PSISpec, PSI] = {}  # stateless PSI engines shared by models
 
     def _monitor(self, model_id: str) -> ModelMonitor | None:
         mon = self.models.get(model_id)
@@ -887,24 +1063,33 @@ class Detect:
             plan = self.plans.get(model_id)
             if plan is None:
                 return None
-            mon = self.models[model_id] = ModelMonitor(plan, self.config.config_hash, self.tick_s)
+            mon = self.models[model_id] = ModelMonitor(
+                plan, self.config.config_hash, self.tick_s, self._psi_cache
+            )
         return mon
 
     def process_raw(self, values: Iterable[tuple[int, bytes]]) -> DetectOutput:
-        """Apply summary messages given as ``(offset, value bytes)`` in partition order."""
-        docs: list[Mapping[str, Any]] = []
+        """Apply summary messages given as ``(offset, value bytes)`` in partition order.
+
+        Each summary is decoded, applied and dropped before the next one is decoded: a batch
+        of thousands of decoded summaries (~10x their JSON size as Python objects) would
+        otherwise be a memory peak whose freed arenas stay pinned by the state it created.
+        ``invalid`` counts the values that are not JSON (a summary of an unknown model is
+        skipped without counting, as before).
+        """
+        items = values if isinstance(values, Sequence) else list(values)
+        topic = self.topics.summaries
+        for offset, _raw in items:
+            self.next_offset[topic] = max(self.next_offset.get(topic, 0), offset + 1)
+        out = DetectOutput(next_offset=dict(self.next_offset))
         invalid = 0
-        for offset, raw in values:
-            self.next_offset[self.topics.summaries] = max(
-                self.next_offset.get(self.topics.summaries, 0), offset + 1
-            )
+        for _offset, raw in items:
             try:
                 doc = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 invalid += 1
                 continue
-            docs.append(doc)
-        out = self.process(docs)
+            self._apply(doc, out)
         out.invalid = invalid
         return out
 
@@ -912,36 +1097,39 @@ class Detect:
         """Apply decoded summaries in order; return alerts, commands and state changes."""
         out = DetectOutput(next_offset=dict(self.next_offset))
         for doc in summaries:
-            mon = self._monitor(str(doc.get("model_id")))
-            if mon is None:
-                out.invalid += 1
-                continue
-            findings = mon.apply(doc)
-            if findings is None:
-                out.duplicates += 1
-                continue
-            out.applied += 1
-            now = (int(mon.newest_tick or 0) + 1) * self.tick_s
-            mid = mon.model.model_id
-            out.findings.extend((mid, f) for f in findings)
-            for f in findings:
-                seq = mon.policy.evaluate(f, now)
-                if seq is None:
-                    continue
-                alert = build_alert(
-                    mon.model,
-                    f,
-                    seq,
-                    detected_at=now,
-                    reference_id=mon.reference_id,
-                    config_hash=mon.config_hash,
-                )
-                out.alerts.append(alert)
-                out.messages.append(self._msg(alert["alert_id"], self.topics.alerts, alert))
-                cmd = mon.killswitch.on_alert(alert, now)
-                if cmd is not None:
-                    self._command(out, mon, cmd)
+            self._apply(doc, out)
         return out
+
+    def _apply(self, doc: Mapping[str, Any], out: DetectOutput) -> None:
+        mon = self._monitor(str(doc.get("model_id")))
+        if mon is None:
+            out.invalid += 1
+            return
+        findings = mon.apply(doc)
+        if findings is None:
+            out.duplicates += 1
+            return
+        out.applied += 1
+        now = (int(mon.newest_tick or 0) + 1) * self.tick_s
+        mid = mon.model.model_id
+        out.findings.extend((mid, f) for f in findings)
+        for f in findings:
+            seq = mon.policy.evaluate(f, now)
+            if seq is None:
+                continue
+            alert = build_alert(
+                mon.model,
+                f,
+                seq,
+                detected_at=now,
+                reference_id=mon.reference_id,
+                config_hash=mon.config_hash,
+            )
+            out.alerts.append(alert)
+            out.messages.append(self._msg(alert["alert_id"], self.topics.alerts, alert))
+            cmd = mon.killswitch.on_alert(alert, now)
+            if cmd is not None:
+                self._command(out, mon, cmd)
 
     def _msg(self, mid: str, topic: str, doc: Mapping[str, Any]) -> OutMessage:
         return OutMessage(mid, topic, str(doc["model_id"]).encode(), orjson.dumps(doc))

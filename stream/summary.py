@@ -34,6 +34,7 @@ rate. Events without ``llm`` are not LLM calls and are not counted there. At mos
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,23 @@ class ModelPlan:
     columns: Callable[[Mapping[str, Any]], Any] | None = field(
         default=None, compare=False, repr=False
     )
+    # where each feature's histogram lives in a group's flat numeric / categorical counts
+    num_bins: tuple[slice, ...] = field(init=False, compare=False, repr=False)
+    cat_bins: tuple[slice, ...] = field(init=False, compare=False, repr=False)
+    num_index: Mapping[str, int] = field(init=False, compare=False, repr=False)
+    cat_index: Mapping[str, int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def spans(sizes: Sequence[int]) -> tuple[slice, ...]:
+            ends = np.cumsum([0, *sizes]).tolist()
+            return tuple(slice(a, b) for a, b in itertools.pairwise(ends))
+
+        object.__setattr__(self, "num_bins", spans([p.edges.shape[0] + 1 for p in self.numeric]))
+        object.__setattr__(
+            self, "cat_bins", spans([len(c.categories) + 1 for c in self.categorical])
+        )
+        object.__setattr__(self, "num_index", {p.name: i for i, p in enumerate(self.numeric)})
+        object.__setattr__(self, "cat_index", {c.name: i for i, c in enumerate(self.categorical)})
 
     @property
     def model_id(self) -> str:
@@ -289,46 +307,69 @@ def _to_numeric(vals: Sequence[Any]) -> tuple[FloatArray, int, int]:
     return out, missing, wrong
 
 
+_NUMERIC_ZERO: Final = np.array([0, 0.0, 0.0, np.inf, -np.inf, 0, 0, 0, 0], np.float64)
+_NO_FEATURES: Final[dict[str, list[Any]]] = {}  # shared empty (replaced on first write)
+_NO_CALIB: Final = np.zeros((3, CALIB_BINS), np.float64)  # read only: no joined pairs yet
+_NO_CALIB.flags.writeable = False
+
+
 class GroupAcc:
-    """Accumulator of one (model, version, slice) group within one tick."""
+    """Accumulator of one (model, version, slice) group within one tick.
+
+    Features live in four arrays per group (not one pair of small arrays per feature): the
+    numeric histograms back to back (``nhist``, spans ``plan.num_bins``), their moments
+    (``nacc``, one row of ``n, sum, sumsq, min, max, missing, nan, out_of_range, wrong_type``
+    per feature), the categorical histograms (``chist``, spans ``plan.cat_bins``) and their
+    ``missing, wrong_type, not_allowed`` counters (``cextra``). Features a restored document
+    carries that the plan does not know stay in ``num``/``cat`` (old layout) and are emitted
+    after the plan's own.
+    """
 
     __slots__ = (
         "calib",
         "cat",
+        "cextra",
+        "chist",
         "cost",
         "full",
         "joined",
         "lat",
         "llm",
         "n",
+        "nacc",
+        "nhist",
         "num",
+        "plan",
         "prompts",
         "score",
         "unexpected",
     )
 
     def __init__(self, plan: ModelPlan, full: bool) -> None:
+        self.plan = plan
         self.full = full
         self.n = 0
         k = plan.score_edges.shape[0] + 1
         self.score: list[Any] = [np.zeros(k, np.int64), 0, 0.0, 0.0]
         self.joined = [0, 0]  # n, errors
-        self.calib = np.zeros((3, CALIB_BINS), np.float64)  # n, positives, score sum
-        self.num: dict[str, list[Any]] = {}
-        self.cat: dict[str, list[Any]] = {}
+        self.calib: FloatArray | None = None  # n, positives, score sum (made by add_pair)
+        self.num: dict[str, list[Any]] = _NO_FEATURES  # features the plan does not know
+        self.cat: dict[str, list[Any]] = _NO_FEATURES
+        self.nhist: IntArray | None = None
+        self.nacc: FloatArray | None = None
+        self.chist: IntArray | None = None
+        self.cextra: IntArray | None = None
         self.lat: list[Any] = []
         self.cost = [0, 0.0]
         self.llm: list[Any] = []
-        self.prompts: dict[str, list[Any]] = {}  # prompt version -> [n, {signal: [hist, acc]}]
+        self.prompts: dict[str, list[Any]] = _NO_FEATURES  # version -> [n, {signal: [h, acc]}]
         self.unexpected = 0  # events carrying a feature the contract does not list
         if full:
-            for p in plan.numeric:
-                self.num[p.name] = [
-                    np.zeros(p.edges.shape[0] + 1, np.int64),
-                    np.array([0, 0.0, 0.0, np.inf, -np.inf, 0, 0, 0, 0], np.float64),
-                ]
-            for c in plan.categorical:
-                self.cat[c.name] = [np.zeros(len(c.categories) + 1, np.int64), [0, 0, 0]]
+            nb, cb = plan.num_bins, plan.cat_bins
+            self.nhist = np.zeros(nb[-1].stop if nb else 0, np.int64)
+            self.nacc = np.tile(_NUMERIC_ZERO, (len(plan.numeric), 1))
+            self.chist = np.zeros(cb[-1].stop if cb else 0, np.int64)
+            self.cextra = np.zeros((len(plan.categorical), 3), np.int64)
             self.lat = [np.zeros(LATENCY_EDGES_MS.shape[0] + 1, np.int64), 0, 0.0]
             self.llm = [0, 0, 0, 0, Counter()]
 
@@ -357,15 +398,18 @@ class GroupAcc:
             known = plan.feature_names
             self.unexpected += sum(1 for f in feats if not f.keys() <= known)
         nnum = len(plan.numeric)
-        for p, col in zip(plan.numeric, cols, strict=False):
-            hist, acc = self.num[p.name]
-            _fold_numeric(p, col, hist, acc)
-        for c, col in zip(plan.categorical, cols[nnum:], strict=True):
-            hist, extra = self.cat[c.name]
+        nhist, nacc, chist, cextra = self.nhist, self.nacc, self.chist, self.cextra
+        assert nhist is not None and nacc is not None and chist is not None
+        assert cextra is not None
+        for i, (p, col) in enumerate(zip(plan.numeric, cols, strict=False)):
+            _fold_numeric(p, col, nhist[plan.num_bins[i]], nacc[i])
+        for i, (c, col) in enumerate(zip(plan.categorical, cols[nnum:], strict=True)):
+            hist = chist[plan.cat_bins[i]]
             k = hist.shape[0] - 1
+            missing = wrong = not_allowed = 0
             for raw, cnt in Counter(col).items():
                 if raw is None:
-                    extra[0] += cnt
+                    missing += cnt
                     continue
                 t = type(raw)
                 if t is str:
@@ -373,11 +417,13 @@ class GroupAcc:
                 elif t is int or t is bool:
                     v = norm_target(raw)
                 else:
-                    extra[1] += cnt
+                    wrong += cnt
                     continue
                 hist[c.index.get(v, k)] += cnt
                 if c.allowed is not None and v not in c.allowed:
-                    extra[2] += cnt
+                    not_allowed += cnt
+            if missing or wrong or not_allowed:
+                cextra[i] += (missing, wrong, not_allowed)
         lat, _, _ = _to_numeric(list(map(_GET_LATENCY, evs)))
         lat = lat[np.isfinite(lat)]
         if lat.shape[0]:
@@ -420,6 +466,8 @@ class GroupAcc:
         for pv, infos in by_prompt.items():
             slot = self.prompts.get(pv)
             if slot is None:
+                if self.prompts is _NO_FEATURES:
+                    self.prompts = {}
                 slot = self.prompts[pv] = [0, {p.name: _new_numeric(p) for p in plan.llm}]
             slot[0] += len(infos)
             for p in plan.llm:
@@ -433,38 +481,45 @@ class GroupAcc:
         sc = pair.score
         if sc is not None and 0.0 <= sc <= 1.0:
             b = min(int(sc * CALIB_BINS), CALIB_BINS - 1)
-            self.calib[0, b] += 1
-            self.calib[1, b] += pair.label == positive
-            self.calib[2, b] += sc
+            calib = self.calib
+            if calib is None:
+                calib = self.calib = np.zeros((3, CALIB_BINS), np.float64)
+            calib[0, b] += 1
+            calib[1, b] += pair.label == positive
+            calib[2, b] += sc
 
     # ----------------------------------------------------------------- (de)serialisation
 
     def to_doc(self) -> dict[str, Any]:
         sc = self.score
+        calib = self.calib if self.calib is not None else _NO_CALIB
         doc: dict[str, Any] = {
             "n": self.n,
             "score": {"counts": sc[0].tolist(), "n": sc[1], "sum": sc[2], "sumsq": sc[3]},
             "joined": {
                 "n": self.joined[0],
                 "errors": self.joined[1],
-                "calib_n": self.calib[0].astype(np.int64).tolist(),
-                "calib_pos": self.calib[1].astype(np.int64).tolist(),
-                "calib_score": self.calib[2].tolist(),
+                "calib_n": calib[0].astype(np.int64).tolist(),
+                "calib_pos": calib[1].astype(np.int64).tolist(),
+                "calib_score": calib[2].tolist(),
             },
         }
         if not self.full:
             return doc
+        plan = self.plan
+        nhist, nacc, chist, cextra = self.nhist, self.nacc, self.chist, self.cextra
+        assert nhist is not None and nacc is not None and chist is not None
+        assert cextra is not None
         feats: dict[str, Any] = {}
+        for i, p in enumerate(plan.numeric):
+            feats[p.name] = _numeric_doc(nhist[plan.num_bins[i]], nacc[i])
         for name, (hist, a) in self.num.items():
             feats[name] = _numeric_doc(hist, a)
+        extras = cextra.tolist()
+        for i, c in enumerate(plan.categorical):
+            feats[c.name] = _categorical_doc(chist[plan.cat_bins[i]], extras[i])
         for name, (hist, extra) in self.cat.items():
-            feats[name] = {
-                "type": "categorical",
-                "counts": hist.tolist(),
-                "missing": extra[0],
-                "wrong_type": extra[1],
-                "not_allowed": extra[2],
-            }
+            feats[name] = _categorical_doc(hist, extra)
         doc["features"] = feats
         doc["unexpected_features"] = self.unexpected
         doc["latency"] = {"counts": self.lat[0].tolist(), "n": self.lat[1], "sum": self.lat[2]}
@@ -495,14 +550,28 @@ class GroupAcc:
         acc.calib = np.array([j["calib_n"], j["calib_pos"], j["calib_score"]], np.float64)
         if not acc.full:
             return acc
+        assert acc.nhist is not None and acc.nacc is not None and acc.chist is not None
+        assert acc.cextra is not None
         for name, f in doc["features"].items():
             if f["type"] == "numeric":
-                acc.num[name] = _numeric_from_doc(f)
+                hist, a = _numeric_from_doc(f)
+                i = plan.num_index.get(name)
+                if i is not None and hist.shape[0] == acc.nhist[plan.num_bins[i]].shape[0]:
+                    acc.nhist[plan.num_bins[i]] = hist
+                    acc.nacc[i] = a
+                else:  # a feature (or binning) this plan does not know: kept as it came
+                    acc.num = acc.num if acc.num is not _NO_FEATURES else {}
+                    acc.num[name] = [hist, a]
             else:
-                acc.cat[name] = [
-                    np.asarray(f["counts"], np.int64),
-                    [f["missing"], f["wrong_type"], f["not_allowed"]],
-                ]
+                hist = np.asarray(f["counts"], np.int64)
+                extra = [f["missing"], f["wrong_type"], f["not_allowed"]]
+                i = plan.cat_index.get(name)
+                if i is not None and hist.shape[0] == acc.chist[plan.cat_bins[i]].shape[0]:
+                    acc.chist[plan.cat_bins[i]] = hist
+                    acc.cextra[i] = extra
+                else:
+                    acc.cat = acc.cat if acc.cat is not _NO_FEATURES else {}
+                    acc.cat[name] = [hist, extra]
         lat = doc["latency"]
         acc.lat = [np.asarray(lat["counts"], np.int64), lat["n"], lat["sum"]]
         acc.cost = [doc["cost"]["n"], doc["cost"]["sum"]]
@@ -520,6 +589,16 @@ class GroupAcc:
             for pv, d in lm.get("prompts", {}).items()
         }
         return acc
+
+
+def _categorical_doc(hist: IntArray, extra: Sequence[int]) -> dict[str, Any]:
+    return {
+        "type": "categorical",
+        "counts": hist.tolist(),
+        "missing": extra[0],
+        "wrong_type": extra[1],
+        "not_allowed": extra[2],
+    }
 
 
 def _new_numeric(p: NumPlan) -> list[Any]:
