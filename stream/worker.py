@@ -470,6 +470,9 @@ class StageRunner:
     """One stage's consumer loop; subclasses hold the per-partition engines."""
 
     stage: str = ""
+    # None: gather for the whole ``batch_within_s``; a number: close the batch as soon as
+    # a fetch finds nothing new within that many seconds (the stage is caught up)
+    settle_s: float | None = None
 
     def __init__(
         self,
@@ -897,11 +900,15 @@ class StageRunner:
         if not n:
             return got
         deadline = time.monotonic() + within
+        settle = self.settle_s
         while n < size:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = await consumer.getmany(timeout_ms=int(left * 1000), max_records=size - n)
+            wait = left if settle is None else min(left, settle)
+            more = await consumer.getmany(timeout_ms=int(wait * 1000), max_records=size - n)
+            if settle is not None and not more:
+                break  # caught up: nothing more within ``settle_s``
             for tp, recs in more.items():
                 got.setdefault(tp, []).extend(recs)
                 n += len(recs)
@@ -1202,6 +1209,9 @@ class DetectRunner(StageRunner):
     """Stage 2: summaries → detectors → alerts and kill-switch commands."""
 
     stage = "detect"
+    # Summaries arrive in one burst per closed tick: waiting out ``batch_within_s`` after
+    # the burst only delays the alerts (p50 summary -> alert 0.49 s with the full wait).
+    settle_s = 0.02
 
     def __init__(self, worker: Worker) -> None:
         t = worker.topics
@@ -1254,12 +1264,21 @@ class DetectRunner(StageRunner):
         total = DetectOutput()
         segment: list[tuple[int, bytes]] = []
         self._request_outcomes.clear()  # of a batch whose commit failed
+        # The worker's only use of findings is the drift gauges, where the latest finding
+        # per (model, version, detector, subject) wins: keep just that, chunk by chunk, so
+        # a batch of thousands of summaries does not hold every evaluation (~60 findings
+        # per summary) until its commit.
+        latest: dict[str, tuple[str, Any]] = {}
 
         def run_segment() -> None:
-            if segment:
-                _merge(total, det.process_raw(list(segment)))
-                self.stats.inc("summaries_in", len(segment))
-                segment.clear()
+            for i in range(0, len(segment), SUMMARY_CHUNK):
+                out = det.process_raw(segment[i : i + SUMMARY_CHUNK])
+                for model_id, f in out.findings:
+                    latest[f.key(model_id)] = (model_id, f)
+                out.findings.clear()
+                _merge(total, out)
+            self.stats.inc("summaries_in", len(segment))
+            segment.clear()
 
         for r in recs:
             value: bytes = r.value or b""
@@ -1302,6 +1321,7 @@ class DetectRunner(StageRunner):
             else:
                 segment.append((r.offset, value))
         run_segment()
+        total.findings.extend(latest.values())
         total.next_offset = dict(det.next_offset)
         return total
 
@@ -1396,6 +1416,9 @@ def _manual_ids_of(state: bytes | None) -> dict[str, None]:
         return {}
     ids = orjson.loads(state).get("manual_request_ids") or []
     return dict.fromkeys(str(i) for i in ids)
+
+
+SUMMARY_CHUNK = 256  # summaries per Detect.process_raw call inside one stage-2 batch
 
 
 def _merge(total: DetectOutput, out: DetectOutput) -> None:
