@@ -91,6 +91,8 @@ _TS_T: Final = frozenset({float, int})
 _OPT_FLOAT_T: Final = frozenset({float, _NONE_T})
 _TARGET_T: Final = frozenset({float, int, str, bool})
 _FEATURE_T: Final = frozenset({float, int, str, bool, _NONE_T})
+# builds a NamedTuple from a row in C (its own __new__ is a Python function): one call less
+_TUPLE_NEW: Final = tuple.__new__
 _SHORT_NAMES_MAX: Final = 65_536  # bound of a decoder's cache of valid feature names
 
 
@@ -573,8 +575,13 @@ class Decoder:
             items: Iterable[tuple[int, Any]] = enumerate(doc)
         else:
             items = ((-1, doc),)
-        if not lenient and self.kind == "prediction":
-            fast = self._fast_predictions(doc if type(doc) is list else [doc], now)
+        if not lenient:
+            docs = doc if type(doc) is list else [doc]
+            fast: list[Prediction] | list[Label] | None
+            if self.kind == "prediction":
+                fast = self._fast_predictions(docs, now)
+            else:
+                fast = self._fast_labels(docs, now)
             if fast is not None:
                 return fast, rejects
         validate = self._validate
@@ -717,23 +724,64 @@ class Decoder:
             return None
         if not self._dedupe_all(list(map("\x00".join, zip(mids, eids, strict=True)))):
             return None
-        return list(
-            map(
-                Prediction,
-                eids,
-                mids,
-                versions,
-                rids,
-                ts,
-                feats,
-                preds,
-                scores,
-                opt[0],
-                opt[1],
-                slices,
-                repeat(None),
-            )
+        rows = zip(
+            eids,
+            mids,
+            versions,
+            rids,
+            ts,
+            feats,
+            preds,
+            scores,
+            opt[0],
+            opt[1],
+            slices,
+            repeat(None),
         )
+        return list(map(_TUPLE_NEW, repeat(Prediction), rows))
+
+    def _fast_labels(self, docs: list[Any], now: float) -> list[Label] | None:
+        """All events of one strictly parsed label message, validated column by column
+        (the rules of :func:`validate_label`); None as soon as anything is unusual, and the
+        caller then validates event by event (see :meth:`_fast_predictions`)."""
+        n = len(docs)
+        if n == 0 or not _DICT_T.issuperset(map(type, docs)):
+            return None
+        if not _LABEL_ALLOWED.issuperset(chain.from_iterable(docs)):
+            return None
+        if sum(map(len, docs)) != len(_LABEL_ALLOWED) * n:  # every field is required
+            return None
+        mids = _column(docs, "model_id")
+        if not _STR_T.issuperset(map(type, mids)):
+            return None
+        known = self.known_models
+        if known is not None:
+            if not known.issuperset(mids):
+                return None
+        elif None in map(MODEL_ID_RE.fullmatch, mids):
+            return None
+        eids = _column(docs, "event_id")
+        rids = _column(docs, "request_id")
+        for vals in (eids, rids):
+            if not _STR_T.issuperset(map(type, vals)):
+                return None
+            lens = list(map(len, vals))
+            if min(lens) < 1 or max(lens) > 200:
+                return None
+        ts = _column(docs, "ts")
+        ts_types = set(map(type, ts))
+        if not _TS_T.issuperset(ts_types) or min(ts) < 0:
+            return None
+        if int in ts_types:
+            ts = list(map(float, ts))
+        if max(ts) > now + self.max_future_s:
+            return None
+        labels = _column(docs, "label")
+        if not _TARGET_T.issuperset(map(type, labels)):
+            return None
+        if not self._dedupe_all(list(map("\x00".join, zip(mids, eids, strict=True)))):
+            return None
+        return list(map(_TUPLE_NEW, repeat(Label), zip(eids, mids, rids, ts, labels, strict=True)))
 
     def _dedupe_all(self, keys: list[str]) -> bool:
         """Add ``keys`` to the dedupe window if none was seen and the window does not rotate

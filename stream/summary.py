@@ -61,6 +61,7 @@ CALIB_BINS: Final = 10
 MAX_LLM_FLAGS: Final = 32
 MAX_PROMPT_VERSIONS: Final = 8
 _NUMERIC_TYPES: Final = frozenset({float, int, type(None)})
+_FINITE_TYPES: Final = frozenset({float, int})
 # C-level field getters of Prediction (a NamedTuple), for whole-batch columns
 _F = Prediction._fields
 _GET_FEATURES: Final = itemgetter(_F.index("features"))
@@ -130,6 +131,16 @@ class ModelPlan:
     cat_bins: tuple[slice, ...] = field(init=False, compare=False, repr=False)
     num_index: Mapping[str, int] = field(init=False, compare=False, repr=False)
     cat_index: Mapping[str, int] = field(init=False, compare=False, repr=False)
+    # the numeric features' values of one event as a tuple (None: fewer than 2 numeric),
+    # their ranges as column vectors, and one getter per categorical feature
+    num_getter: Callable[[Mapping[str, Any]], Any] | None = field(
+        init=False, compare=False, repr=False
+    )
+    num_lo: FloatArray = field(init=False, compare=False, repr=False)
+    num_hi: FloatArray = field(init=False, compare=False, repr=False)
+    cat_getters: tuple[Callable[[Mapping[str, Any]], Any], ...] = field(
+        init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         def spans(sizes: Sequence[int]) -> tuple[slice, ...]:
@@ -142,6 +153,10 @@ class ModelPlan:
         )
         object.__setattr__(self, "num_index", {p.name: i for i, p in enumerate(self.numeric)})
         object.__setattr__(self, "cat_index", {c.name: i for i, c in enumerate(self.categorical)})
+        object.__setattr__(self, "num_getter", _columns_getter([p.name for p in self.numeric]))
+        object.__setattr__(self, "num_lo", np.array([[p.lo] for p in self.numeric], np.float64))
+        object.__setattr__(self, "num_hi", np.array([[p.hi] for p in self.numeric], np.float64))
+        object.__setattr__(self, "cat_getters", tuple(itemgetter(c.name) for c in self.categorical))
 
     @property
     def model_id(self) -> str:
@@ -274,6 +289,59 @@ def _feature_columns(
     return [[f.get(name) for f in feats] for name in names], False
 
 
+def _numeric_matrix(
+    plan: ModelPlan, feats: Sequence[Mapping[str, Any]]
+) -> tuple[FloatArray, list[Sequence[Any]]] | None:
+    """The numeric features of a batch as one ``(features, events)`` array and the
+    categorical value columns, when every event has every feature and every numeric value is
+    a finite int or float (the common case); else None (the per-feature path handles it)."""
+    getter = plan.num_getter
+    if getter is None or not feats:
+        return None
+    try:
+        rows = list(map(getter, feats))
+        cat_cols: list[Sequence[Any]] = [list(map(g, feats)) for g in plan.cat_getters]
+    except KeyError:
+        return None
+    if not _FINITE_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
+        return None
+    k = len(plan.numeric)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), np.float64, len(rows) * k)
+    if not np.isfinite(flat).all():
+        return None
+    return np.ascontiguousarray(flat.reshape(len(rows), k).T), cat_cols
+
+
+def _fold_matrix(plan: ModelPlan, mat: FloatArray, nhist: IntArray, nacc: FloatArray) -> None:
+    """:func:`_fold_numeric` of every numeric feature at once (rows of ``mat``, all values
+    finite): the same histograms and, bit for bit, the same moments (a row's ``sum`` and
+    ``dot`` are those of the 1-D column; min/max are taken as ``min``/``max`` would)."""
+    n = mat.shape[1]
+    srt = np.sort(mat, axis=1)
+    for i, p in enumerate(plan.numeric):
+        span = plan.num_bins[i]
+        # bounds[j] = #values < edge j (0 and n at the ends): the bin counts are its steps
+        bounds = np.empty(span.stop - span.start + 1, np.int64)
+        bounds[0] = 0
+        bounds[-1] = n
+        bounds[1:-1] = np.searchsorted(srt[i], p.edges, side="left")
+        nhist[span] += bounds[1:] - bounds[:-1]
+    sq = np.array([np.dot(row, row) for row in mat], np.float64)
+    oor = np.count_nonzero((mat < plan.num_lo) | (mat > plan.num_hi), axis=1)
+    nacc[:, _N] += n
+    nacc[:, _SUM] += mat.sum(axis=1)
+    nacc[:, _SQ] += sq
+    mins, maxs = srt[:, 0], srt[:, -1]
+    if not (mins.all() and maxs.all()):  # a zero: which of 0.0/-0.0 sorts first is arbitrary
+        mins = np.array([row.min() for row in mat], np.float64)
+        maxs = np.array([row.max() for row in mat], np.float64)
+    cur = nacc[:, _MIN]
+    nacc[:, _MIN] = np.where(mins < cur, mins, cur)  # as min(cur, m): cur unless m < cur
+    cur = nacc[:, _MAX]
+    nacc[:, _MAX] = np.where(maxs > cur, maxs, cur)
+    nacc[:, _OOR] += oor
+
+
 # --------------------------------------------------------------------------- accumulators
 
 
@@ -393,17 +461,24 @@ class GroupAcc:
         if not self.full:
             return
         feats: list[dict[str, Any]] = list(map(_GET_FEATURES, evs))
-        cols, exact = _feature_columns(plan, feats)
-        if not exact:
-            known = plan.feature_names
-            self.unexpected += sum(1 for f in feats if not f.keys() <= known)
         nnum = len(plan.numeric)
         nhist, nacc, chist, cextra = self.nhist, self.nacc, self.chist, self.cextra
         assert nhist is not None and nacc is not None and chist is not None
         assert cextra is not None
-        for i, (p, col) in enumerate(zip(plan.numeric, cols, strict=False)):
-            _fold_numeric(p, col, nhist[plan.num_bins[i]], nacc[i])
-        for i, (c, col) in enumerate(zip(plan.categorical, cols[nnum:], strict=True)):
+        fast = _numeric_matrix(plan, feats)
+        if fast is not None:
+            mat, cat_cols = fast
+            exact = sum(map(len, feats)) == (nnum + len(cat_cols)) * len(feats)
+            _fold_matrix(plan, mat, nhist, nacc)
+        else:
+            cols, exact = _feature_columns(plan, feats)
+            for i, (p, col) in enumerate(zip(plan.numeric, cols, strict=False)):
+                _fold_numeric(p, col, nhist[plan.num_bins[i]], nacc[i])
+            cat_cols = cols[nnum:]
+        if not exact:
+            known = plan.feature_names
+            self.unexpected += sum(1 for f in feats if not f.keys() <= known)
+        for i, (c, col) in enumerate(zip(plan.categorical, cat_cols, strict=True)):
             hist = chist[plan.cat_bins[i]]
             k = hist.shape[0] - 1
             missing = wrong = not_allowed = 0
@@ -704,6 +779,13 @@ class ModelTickAcc:
         self.label_counts[plan.label_index.get(norm_label, len(plan.label_categories))] += 1
         if norm_label == plan.model.positive_label:
             self.label_pos += 1
+
+    def add_labels(self, norm_label: str, count: int, plan: ModelPlan) -> None:
+        """:meth:`add_label` ``count`` times (one label value, counted per batch)."""
+        self.label_n += count
+        self.label_counts[plan.label_index.get(norm_label, len(plan.label_categories))] += count
+        if norm_label == plan.model.positive_label:
+            self.label_pos += count
 
     def to_doc(self) -> dict[str, Any]:
         return {

@@ -389,3 +389,91 @@ def test_message_from_an_unknown_topic_is_dead_lettered(setup: Any) -> None:
     assert out.rejected == Counter({"unknown_topic": 1}) and out.accepted == 0
     (dl,) = out.messages
     assert orjson.loads(dl.value)["reason"] == "unknown_topic"
+
+
+# --------------------------------------------------------------------------- hot-path shortcuts
+
+NUMERIC_CASES: list[list[Any]] = [
+    [1.5, 2, 30_000.0, -4.0],  # ints, out of range
+    [0.0, -0.0, 0.0, 0.25],  # signed zeros: min/max keep what min()/max() keep
+    [-0.0, 0.0, -0.0, 0.0],
+    [0.1, 0.2, 0.30000000000000004, 1e-300],
+    [7, 7, 7, 7],
+]
+
+
+@pytest.mark.parametrize("values", NUMERIC_CASES)
+def test_numeric_matrix_fold_is_bit_identical_to_the_per_feature_fold(
+    setup: Any, values: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 2-D numeric fold (all features at once) and the per-feature fold give the same
+    summary bytes, twice in a row (accumulating onto existing moments)."""
+    from stream import summary
+    from stream.events import Prediction
+
+    cfg, prof = setup
+    plan = compile_plans(cfg, {"fraud": prof})["fraud"]
+    names = [p.name for p in plan.numeric]
+    evs = [
+        Prediction(
+            f"e{i}",
+            "fraud",
+            "v1",
+            f"r{i}",
+            START + i,
+            {
+                **{n: values[(i + j) % len(values)] for j, n in enumerate(names)},
+                "channel": "web",
+                "country": ["DE", "FR", 3][i % 3],
+            },
+            1,
+            0.5,
+        )
+        for i in range(len(values) * 3)
+    ]
+    fast = summary.GroupAcc(plan, True)
+    assert summary._numeric_matrix(plan, [e.features for e in evs]) is not None
+    fast.add_predictions(evs, plan)
+    fast.add_predictions(evs[::-1], plan)
+    monkeypatch.setattr(summary, "_numeric_matrix", lambda plan, feats: None)
+    slow = summary.GroupAcc(plan, True)
+    slow.add_predictions(evs, plan)
+    slow.add_predictions(evs[::-1], plan)
+    assert orjson.dumps(fast.to_doc()) == orjson.dumps(slow.to_doc())
+
+
+def test_numeric_matrix_declines_missing_wrong_typed_and_non_finite(setup: Any) -> None:
+    from stream import summary
+
+    cfg, prof = setup
+    plan = compile_plans(cfg, {"fraud": prof})["fraud"]
+    base = {p.name: 1.0 for p in plan.numeric} | {"channel": "web", "country": "DE"}
+    assert summary._numeric_matrix(plan, [base]) is not None
+    first = plan.numeric[0].name
+    for bad in (None, True, "1", math.nan, math.inf):
+        assert summary._numeric_matrix(plan, [base, {**base, first: bad}]) is None, bad
+    missing = {k: v for k, v in base.items() if k != first}
+    assert summary._numeric_matrix(plan, [base, missing]) is None
+
+
+def test_json_rows_are_orjson_dumps_of_each_row() -> None:
+    from stream.engine import _json_rows
+
+    cols: list[list[Any]] = [
+        ["a,b", '"q"', "é\u2028", "x\\y", "\n", "a,b"],
+        [(), ("r=1", 'z,"'), ("a",), (), ("a",), ("é",)],
+        [1e16, 5e-324, -0.0, None, 2**62, True],
+        [1.5, 0.1, 1e-7, 123456789.123, math.nan, -3],
+    ]
+    assert _json_rows(cols) == [orjson.dumps(row) for row in zip(*cols, strict=True)]
+    assert _json_rows([[], []]) == []
+
+
+def test_norm_targets_match_norm_target() -> None:
+    from stream.engine import _norm_targets
+    from stream.profile import norm_target
+
+    few = [1, 1.0, True, "1", 0, 0.0, False, -0.0, 2.5, "x", 10**20, 1e20] * 5
+    many = [i / 7 for i in range(40)]
+    for vals in (few, many):
+        assert _norm_targets(vals) == [norm_target(v) for v in vals]

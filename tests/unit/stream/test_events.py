@@ -202,3 +202,62 @@ def test_deadletter_record_matches_schema_and_keeps_exact_bytes() -> None:
     assert base64.b64decode(rec["raw_b64"]) == raw[:64]
     assert rec["raw_truncated"] is True and rec["size"] == len(raw)
     assert rec["deadletter_id"] == "driftline.predictions:3:77:-1"
+
+
+def _label(i: int, **over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "event_id": f"l{i}",
+        "model_id": "fraud" if i % 2 else "churn",
+        "request_id": f"r{i}",
+        "ts": NOW - 10 + i / 8,
+        "label": [0, 1, "1", True, 0.0][i % 5],
+    }
+    doc.update(over)
+    return doc
+
+
+LABEL_MUTATIONS: list[dict[str, Any]] = [
+    {},
+    {"ts": 5},
+    {"ts": -1},
+    {"ts": True},
+    {"ts": NOW + 10_000},
+    {"label": None},
+    {"label": [1]},
+    {"model_id": "nope"},
+    {"model_id": 7},
+    {"event_id": ""},
+    {"request_id": 3},
+    {"extra": 1},
+    {"event_id": "l0"},  # a duplicate of the first label
+]
+
+
+@pytest.mark.parametrize("mutation", LABEL_MUTATIONS)
+def test_label_fast_path_gives_the_per_event_result(
+    mutation: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole-message label validation is only a shortcut: events, rejects and the dedupe
+    window come out as the per-event validator leaves them (or it declines)."""
+    docs = [_label(i) for i in range(6)]
+    docs[3] = {**docs[3], **mutation}
+    raws = [orjson.dumps(docs), orjson.dumps(docs[:2]), orjson.dumps(_label(9))]
+    fast = dec("label")
+    got = [fast.decode(r, NOW) for r in raws]
+    monkeypatch.setattr(Decoder, "_fast_labels", lambda self, docs, now: None)
+    slow = dec("label")
+    want = [slow.decode(r, NOW) for r in raws]
+    assert got == want
+    assert all(type(e) is Label for ok, _ in got for e in ok)
+    assert fast._dedupe.cur == slow._dedupe.cur
+
+
+def test_label_fast_path_takes_clean_messages_and_declines_bad_ones() -> None:
+    d = dec("label")
+    docs = [_label(i) for i in range(4)]
+    ok = d._fast_labels(docs, NOW)
+    assert ok is not None and [e.event_id for e in ok] == ["l0", "l1", "l2", "l3"]
+    assert ok[0] == Label("l0", "churn", "r0", NOW - 10, 0)
+    assert d._fast_labels(docs, NOW) is None  # now all duplicates
+    assert d._fast_labels([_label(7, label=None)], NOW) is None
+    assert d._fast_labels([{k: v for k, v in _label(8).items() if k != "ts"}], NOW) is None
