@@ -533,7 +533,15 @@ class StageRunner:
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self._commit_kafka_offsets()
-            await self.consumer.stop()
+            try:  # leaving the group is a courtesy: Redis holds the checkpoints
+                await asyncio.wait_for(self.consumer.stop(), CONSUMER_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "%s: consumer did not stop within %.0f s; abandoned (the group evicts it "
+                    "after its session timeout; nothing acknowledged depends on it)",
+                    self.stage,
+                    CONSUMER_STOP_TIMEOUT_S,
+                )
 
     # ----------------------------------------------------------------- rebalance
 
@@ -953,10 +961,12 @@ class StageRunner:
         if not offsets:
             return
         try:
-            await self.consumer.commit(offsets)
+            # bounded: aiokafka retries a commit while the group coordinator is unavailable
+            # or rebalancing, and the stage loop (or a shutdown) must not wait on that
+            await asyncio.wait_for(self.consumer.commit(offsets), KAFKA_COMMIT_TIMEOUT_S)
             self._kafka_committed.update(offsets)
-        except KafkaError as err:  # informational only
-            log.debug("%s: kafka offset commit skipped (%s)", self.stage, err)
+        except (KafkaError, TimeoutError) as err:  # informational: the next round retries
+            log.debug("%s: kafka offset commit skipped (%r)", self.stage, err)
 
     # ----------------------------------------------------------------- metrics
 
@@ -1418,6 +1428,8 @@ def _manual_ids_of(state: bytes | None) -> dict[str, None]:
     return dict.fromkeys(str(i) for i in ids)
 
 
+KAFKA_COMMIT_TIMEOUT_S = 5.0  # the informational Kafka offset mirror
+CONSUMER_STOP_TIMEOUT_S = 15.0
 SUMMARY_CHUNK = 256  # summaries per Detect.process_raw call inside one stage-2 batch
 
 

@@ -502,13 +502,19 @@ class Run:
 
 async def _run_until(run: Run, worker: Worker, what: str, check: Callable[[], bool]) -> None:
     await worker.start()
-    await asyncio.wait_for(worker.wait_assigned(), 60)
     try:
-        await until(what, check, 60)
-    except AssertionError as err:
-        raise AssertionError(f"{err}: {run.describe()}") from None
-    await asyncio.sleep(0.5)  # the last publishes and acks
-    await worker.stop()  # commits the Kafka offsets (informational mirror) once more
+        await asyncio.wait_for(worker.wait_assigned(), 60)
+        try:
+            await until(what, check, 90)
+        except AssertionError as err:
+            raise AssertionError(
+                f"{err}: {run.describe()}; worker counters {dict(worker.stats.counters)}"
+            ) from None
+        await asyncio.sleep(0.5)  # the last publishes and acks
+    finally:
+        # commits the Kafka offsets (informational mirror) once more; bounded so that a
+        # failure above is reported instead of hanging the test
+        await asyncio.wait_for(worker.stop(), 60)
 
 
 def _alert_copies(values: list[bytes]) -> dict[str, bytes]:
