@@ -52,7 +52,6 @@ from confluent_kafka.admin import AdminClient
 
 from scripts.services import REPO_ROOT, RedisService
 from stream.config import MonitorConfig, Topics, load_config
-from stream.demo import demo_config
 from stream.embedded import EmbeddedRunner
 from stream.events import load_schema
 from stream.profile import Profile
@@ -80,11 +79,6 @@ def env(
     kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str
 ) -> WorkerEnv:
     return make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "crash", partitions=1)
-
-
-@pytest.fixture(scope="module")
-def demo() -> tuple[MonitorConfig, Profile]:
-    return demo_config()
 
 
 # --------------------------------------------------------------------------- helpers

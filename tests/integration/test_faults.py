@@ -38,7 +38,6 @@ from confluent_kafka import KafkaError
 
 from scripts.services import KafkaService, RedisService
 from stream.config import MonitorConfig
-from stream.demo import demo_config
 from stream.profile import Profile
 from stream.redis_store import RedisStore
 from stream.scenario import SCALE_BREAK, generate
@@ -64,11 +63,6 @@ def env(
     kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str
 ) -> WorkerEnv:
     return make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "faults")
-
-
-@pytest.fixture(scope="module")
-def demo() -> tuple[MonitorConfig, Profile]:
-    return demo_config()
 
 
 class Reader(TopicReader):

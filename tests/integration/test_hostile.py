@@ -40,7 +40,6 @@ from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import MonitorConfig, Topics
-from stream.demo import demo_config
 from stream.partitioner import murmur2_partition
 from stream.profile import Profile
 from stream.scenario import generate
@@ -87,11 +86,6 @@ def _make_env(
         deadletter=make("deadletter", 1),
     )
     return WorkerEnv(kafka_bootstrap, redis_url, topics, unique_id, prefix)
-
-
-@pytest.fixture(scope="module")
-def demo() -> tuple[MonitorConfig, Profile]:
-    return demo_config()
 
 
 def _with_horizon(cfg: MonitorConfig, horizon_s: float) -> MonitorConfig:

@@ -25,7 +25,6 @@ from confluent_kafka.admin import AdminClient
 
 from scripts.services import RedisService
 from stream.config import MonitorConfig, Topics
-from stream.demo import demo_config
 from stream.partitioner import murmur2_partition
 from stream.profile import Profile
 from stream.redis_store import RedisStore
@@ -51,11 +50,6 @@ def env(
     kafka_bootstrap: str, redis_url: str, topic_factory: TopicFactory, unique_id: str
 ) -> WorkerEnv:
     return make_env(kafka_bootstrap, redis_url, topic_factory, unique_id, "e2e")
-
-
-@pytest.fixture(scope="module")
-def demo() -> tuple[MonitorConfig, Profile]:
-    return demo_config()
 
 
 def _sample(body: str, name: str, **labels: str) -> float:
