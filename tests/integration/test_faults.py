@@ -69,7 +69,15 @@ class Reader(TopicReader):
     """A :class:`TopicReader` that rides out a broker outage (transport errors are
     transient: librdkafka reconnects by itself)."""
 
-    TRANSIENT = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._PARTITION_EOF)
+    TRANSIENT = (
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._PARTITION_EOF,
+        # the group coordinator moves or reloads while the broker restarts
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    )
 
     def poll(self, seconds: float = 0.2) -> list[dict[str, Any]]:
         import orjson
@@ -133,6 +141,15 @@ def _assert_healthy(*workers: Worker) -> None:
         assert all(s.task is not None and not s.task.done() for s in w.stages), "a stage died"
         assert c["events_rejected"] == 0, f"events rejected (re-read as duplicates?): {c}"
         assert c["ingest_batch_errors"] == c["detect_batch_errors"] == 0, dict(c)
+
+
+def _paced(env: WorkerEnv, events: Events, chunks: int, gap_s: float) -> int:
+    """:func:`produce` in ``chunks`` parts ``gap_s`` apart: a load that lasts."""
+    n, size = 0, -(-len(events) // chunks)
+    for i in range(0, len(events), size):
+        n += produce(env, iter(events[i : i + size]), 10)
+        time.sleep(gap_s)
+    return n
 
 
 def _stored_offsets(url: str, store: RedisStore, parts: tuple[int, ...]) -> dict[Any, int]:
@@ -542,16 +559,27 @@ def test_redis_loses_the_aof_tail_of_acknowledged_commits(
             await until("the first third committed", lambda: worker.stats.counters["commits"]
                         >= 5, 60)  # fmt: skip
             await asyncio.sleep(1.5)  # the claims are older than what the crash loses
-            sending = loop.run_in_executor(None, produce, env, iter(events[third:]), 10)
-            incr = sorted((redis_service.data_dir / "appendonlydir").glob("*.incr.aof"))[-1]
-            commits = worker.stats.counters["commits"]
-            await until("commits under load", lambda: worker.stats.counters["commits"]
-                        >= commits + 2, 30)  # fmt: skip
+            # paced, so stage 1 is still committing when the crash comes (sent at once, it
+            # could finish the backlog before the cut and leave only stage-2 commits to lose)
+            sending = loop.run_in_executor(None, _paced, env, events[third:], 20, 0.25)
+            aof_dir = redis_service.data_dir / "appendonlydir"
+            incr = sorted(aof_dir.glob("*.incr.aof"))[-1]
+            ingest = worker.stages[0]
+
+            def ingested() -> int:
+                return sum(ingest._checkpointed.values())
+
+            mark = ingested()
+            await until("stage 1 commits under load", lambda: ingested() > mark, 30)
             fsynced = incr.stat().st_size  # what the crash keeps
-            commits = worker.stats.counters["commits"]
-            await until("commits the crash will lose", lambda: worker.stats.counters["commits"]
-                        >= commits + 6, 30)  # fmt: skip
-            acked = dict(worker.stages[0]._checkpointed)
+            kept = ingested()
+            for _ in range(3):  # three more stage-1 checkpoints the crash will lose
+                mark = ingested()
+                await until("a stage-1 commit the crash will lose",
+                            lambda m=mark: ingested() > m, 30)  # fmt: skip
+            acked = dict(ingest._checkpointed)
+            assert sum(acked.values()) > kept
+            assert sorted(aof_dir.glob("*.incr.aof"))[-1] == incr, "AOF rewritten meanwhile"
             redis_service.kill()
             with incr.open("r+b") as f:
                 f.truncate(fsynced)
