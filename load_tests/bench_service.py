@@ -65,7 +65,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -878,6 +878,7 @@ def realtime_run(
         reader = None
         lats = alert_latencies(rows, load.last_prod, tick_s)
         split = stage_split(lats, srows)
+        series = summary_latencies(srows, load.last_prod)
         broken = set(load.breaks)
         on_broken = [x for x in lats if x["model_id"] in broken]
         expected_hits = {
@@ -910,6 +911,8 @@ def realtime_run(
             "stage1_s": percentiles(split["stage1"]),
             "stage2_s": percentiles(split["stage2"]),
             "summary_spread_s": percentiles(split["spread"]),
+            "production_to_summary_s": percentiles([lat for _, lat in series]),
+            "growth": latency_growth(series),
             "latency_s_broken_models": percentiles(
                 [x["latency_s"] for x in on_broken if x["latency_s"] is not None]
             ),
@@ -967,6 +970,62 @@ def stage_split(
     return out
 
 
+def summary_latencies(
+    summaries: Sequence[tuple[float, float, Mapping[str, Any]]],
+    last_prod: Mapping[tuple[str, int], float],
+) -> list[tuple[float, float]]:
+    """``(broker time, production → summary latency)`` of every summary whose (model, tick)
+    the producer saw — the event-time latency of the whole stream, hundreds of samples a
+    second, where alerts give one or two.
+
+    >>> summary_latencies([(8.5, 0.0, {"model_id": "m", "tick": 7}),
+    ...                    (9.0, 0.0, {"model_id": "x", "tick": 7})], {("m", 7): 7.9})
+    [(8.5, 0.6)]
+    """
+    out = []
+    for ts, _, d in summaries:
+        prod = last_prod.get((str(d.get("model_id")), int(d.get("tick") or 0)))
+        if prod is not None:
+            out.append((ts, round(ts - prod, 3)))
+    return out
+
+
+# A run is *sustainable* when its event-time latency does not keep growing (Karimov et al.,
+# "Benchmarking Distributed Stream Data Processing Systems", ICDE 2018: the highest load a
+# system handles "without a continuously increasing event-time latency"): the median
+# production → summary latency of the last third of the run may exceed the first third's
+# by at most this much (a worker 2 % short of the rate falls ≈ 0.4 s further behind between
+# the thirds of a 30 s run).
+GROWTH_LIMIT_S = 0.3
+
+
+def latency_growth(series: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Median latency of the first and last third of ``series`` (by time), their difference
+    and the verdict.
+
+    >>> g = latency_growth([(t, 0.6) for t in range(30)])
+    >>> g["growth_s"], g["sustainable"]
+    (0.0, True)
+    >>> latency_growth([(t, 0.6 + 0.1 * t) for t in range(30)])["sustainable"]
+    False
+    """
+    if len(series) < 6:
+        return {"first_p50_s": None, "last_p50_s": None, "growth_s": None, "sustainable": False}
+    ts = sorted(series)
+    t0, t1 = ts[0][0], ts[-1][0]
+    third = (t1 - t0) / 3.0
+    first = [lat for t, lat in ts if t <= t0 + third]
+    last = [lat for t, lat in ts if t >= t1 - third]
+    a, b = statistics.median(first), statistics.median(last)
+    growth = round(b - a, 3)
+    return {
+        "first_p50_s": round(a, 3),
+        "last_p50_s": round(b, 3),
+        "growth_s": growth,
+        "sustainable": growth <= GROWTH_LIMIT_S,
+    }
+
+
 def defaultdict_count(items: Iterator[str] | Sequence[str]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for x in items:
@@ -996,9 +1055,9 @@ def _workload(a: argparse.Namespace) -> Workload:
 def mode_latency(a: argparse.Namespace) -> dict[str, Any]:
     with _setup(a) as (svc, cfg, watch):
         work = cfg.parent
-        maxrun: dict[str, Any] | None = None
+        backlog: dict[str, Any] | None = None
         if not a.max_rate:
-            maxrun = throughput_run(
+            backlog = throughput_run(
                 svc.kafka_bootstrap,
                 svc.redis_url,
                 _workload(a),
@@ -1011,21 +1070,17 @@ def mode_latency(a: argparse.Namespace) -> dict[str, Any]:
                     "DRIFTLINE_ALLOWED_LATENESS_S": f"{a.lateness_s:g}",
                 },
             )
-        max_rate = float(maxrun["events_per_s"] or 0.0) if maxrun else a.max_rate
+            print(_line("backlog (throughput run)", backlog), flush=True)
         within_env = (
             {"DRIFTLINE_BATCH_WITHIN_S": f"{a.batch_within_s:g}"} if a.batch_within_s else {}
         )
-        if maxrun:
-            print(_line("max sustainable", maxrun), flush=True)
         pool = EventPool.build()
-        runs: dict[str, Any] = {}
-        plan = [(f"max_x{f:g}", round(max_rate * f)) for f in a.rate_fractions]
-        low = [("low", a.low_rate)] if a.low_rate > 0 else []
-        for label, rate in [*plan, *low]:
-            res = realtime_run(
+
+        def run(rate: float, seconds: float) -> dict[str, Any]:
+            return realtime_run(
                 svc,
                 rate=rate,
-                seconds=a.seconds,
+                seconds=seconds,
                 models=a.models,
                 partitions=a.partitions,
                 config_path=cfg,
@@ -1037,11 +1092,27 @@ def mode_latency(a: argparse.Namespace) -> dict[str, Any]:
                 watch=watch,
                 extra_env=within_env,
             )
+
+        search: list[dict[str, Any]] = []
+        if a.max_rate:
+            max_rate = float(a.max_rate)
+        else:
+            assert backlog is not None
+            max_rate = sustainable_rate(
+                run, float(backlog["events_per_s"] or 0.0), a.search_start, a.search_step,
+                a.search_seconds, search,
+            )  # fmt: skip
+        print(f"max sustainable (real time): {max_rate:,.0f} events/s", flush=True)
+        runs: dict[str, Any] = {}
+        plan = [(f"max_x{f:g}", round(max_rate * f)) for f in a.rate_fractions]
+        low = [("low", a.low_rate)] if a.low_rate > 0 else []
+        for label, rate in [*plan, *low]:
+            res = run(rate, a.seconds)
             runs[label] = res
             print(
                 f"{label}: {res['rate_achieved']:,.0f} events/s, alerts {res['alerts_seen']} "
                 f"(broken models hit {res['broken_models_with_out_of_range_alert']}/"
-                f"{res['breaks']}), latency {res['latency_s']}",
+                f"{res['breaks']}), latency {res['latency_s']}, growth {res['growth']}",
                 flush=True,
             )
         return {
@@ -1058,11 +1129,67 @@ def mode_latency(a: argparse.Namespace) -> dict[str, Any]:
                 "seconds": a.seconds,
                 "rate_fractions": a.rate_fractions,
                 "events_max_run": a.events,
+                "search_start": a.search_start,
+                "search_step": a.search_step,
+                "search_seconds": a.search_seconds,
+                "growth_limit_s": GROWTH_LIMIT_S,
             },
-            "max_sustainable": maxrun,
+            "backlog_run": backlog,
+            "backlog_events_per_s": float(backlog["events_per_s"] or 0.0) if backlog else None,
+            "search": search,
+            "max_sustainable_method": "given" if a.max_rate else "real-time search",
             "max_sustainable_events_per_s": max_rate,
             "runs": runs,
         }
+
+
+def sustainable_rate(
+    run: Callable[[float, float], dict[str, Any]],
+    backlog_rate: float,
+    start: float,
+    step: float,
+    seconds: float,
+    log: list[dict[str, Any]],
+) -> float:
+    """The highest real-time rate whose event-time latency does not grow
+    (:func:`latency_growth`): from ``start`` × the backlog rate up by ``step`` while
+    sustainable (at most the backlog rate, which no real-time run can beat), or down until
+    sustainable when the first is not. Each step is a fresh worker and ``seconds`` of load;
+    ``log`` gets one row per step."""
+    rate = max(1000.0, backlog_rate * start)
+    best: float | None = None
+    going_up: bool | None = None
+    while 1000.0 <= rate <= backlog_rate * 1.001:
+        res = run(rate, seconds)
+        g = res["growth"]
+        log.append(
+            {
+                "rate_target": round(rate),
+                "rate_achieved": res["rate_achieved"],
+                **g,
+                "production_to_summary_s": res["production_to_summary_s"],
+                "latency_s": res["latency_s"],
+                "lag_messages_at_stop": res["lag_messages_at_stop"],
+                "cpu": res["cpu"],
+            }
+        )
+        print(
+            f"search {rate:,.0f}/s: {'sustainable' if g['sustainable'] else 'NOT sustainable'}"
+            f" (p50 production → summary {g['first_p50_s']} → {g['last_p50_s']} s)",
+            flush=True,
+        )
+        if going_up is None:
+            going_up = bool(g["sustainable"])
+        if g["sustainable"]:
+            best = max(best or 0.0, float(res["rate_achieved"] or rate))
+            if not going_up:
+                break
+            rate *= step
+        else:
+            if going_up:
+                break
+            rate /= step
+    return best if best is not None else 1000.0
 
 
 def mode_scaleout(a: argparse.Namespace) -> dict[str, Any]:
@@ -1202,7 +1329,7 @@ def projection(per100k: Mapping[str, float]) -> dict[str, Any]:
 
 def md_latency(res: Mapping[str, Any]) -> str:
     s = res["settings"]
-    m = res["max_sustainable"]
+    m = res.get("backlog_run", res.get("max_sustainable"))  # older files: "max_sustainable"
     lines = [
         "# Production → alert latency (load_tests/bench_service.py latency)",
         "",
@@ -1212,11 +1339,32 @@ def md_latency(res: Mapping[str, Any]) -> str:
         f"{s['label_horizon']}, producer message every {s['linger_ms']} ms per partition. "
         f"Load average {res['machine']['loadavg_at_start']} at start.",
         "",
-        "Maximum sustainable rate "
-        + (f"(throughput run, {m['events']:,} events): " if m else "(given): ")
-        + f"**{res['max_sustainable_events_per_s']:,.0f} events/s**.",
-        "",
     ]
+    if res.get("search"):
+        lines += [
+            f"Backlog rate (throughput run, {m['events']:,} events, large batches): "
+            f"{res['backlog_events_per_s']:,.0f} events/s. Maximum sustainable rate = the "
+            "highest real-time rate whose median production → summary latency grows by at "
+            f"most {s['growth_limit_s']} s from the first to the last third of a "
+            f"{s['search_seconds']:g} s run: **{res['max_sustainable_events_per_s']:,.0f} "
+            "events/s**.",
+            "",
+        ]
+        lines += md_table(
+            ["search step events/s", "p50 first third s", "p50 last third s", "growth s",
+             "sustainable", "worker cores", "lag at stop (msgs)"],
+            [[r["rate_achieved"], r["first_p50_s"], r["last_p50_s"], r["growth_s"],
+              "yes" if r["sustainable"] else "**no**", r["cpu"]["cores_used"].get("workers"),
+              str(r["lag_messages_at_stop"])] for r in res["search"]],
+        )  # fmt: skip
+        lines.append("")
+    else:
+        lines += [
+            "Maximum sustainable rate "
+            + (f"(throughput run, {m['events']:,} events): " if m else "(given): ")
+            + f"**{res['max_sustainable_events_per_s']:,.0f} events/s**.",
+            "",
+        ]
     rows = []
     for label, r in res["runs"].items():
         lat = r["latency_s"]
@@ -1236,12 +1384,14 @@ def md_latency(res: Mapping[str, Any]) -> str:
                 (r.get("stage1_s") or {}).get("p50"),
                 (r.get("stage2_s") or {}).get("p50"),
                 str(r["lag_messages_at_stop"]),
+                (r.get("growth") or {}).get("growth_s"),
             ]
         )
     lines += md_table(
         ["run", "events/s", "s", "breaks", "broken models alerted (out_of_range)", "alerts",
          "alerts on unbroken models", "p50 s", "p90 s", "p99 s", "max s",
-         "p50 production → summary s", "p50 summary → alert s", "lag at stop (msgs)"],
+         "p50 production → summary s", "p50 summary → alert s", "lag at stop (msgs)",
+         "latency growth s"],
         rows,
     )  # fmt: skip
     lines += [
@@ -1362,8 +1512,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--low-rate", type=float, default=1000.0, help="0 = no low-rate run")
     ap.add_argument(
-        "--max-rate", type=float, default=None, help="latency: skip the max-rate run, use this"
+        "--max-rate",
+        type=float,
+        default=None,
+        help="latency: skip the backlog run and the search, use this as the max sustainable rate",
     )
+    ap.add_argument(
+        "--search-start", type=float, default=0.35, help="latency: first rate / backlog rate"
+    )
+    ap.add_argument("--search-step", type=float, default=1.15, help="latency: rate factor")
+    ap.add_argument("--search-seconds", type=float, default=30.0, help="latency: per step")
     ap.add_argument(
         "--batch-within-s", type=float, default=None, help="latency: DRIFTLINE_BATCH_WITHIN_S"
     )
