@@ -594,9 +594,15 @@ class RedisStore:
     @staticmethod
     def _fenced(err: ResponseError, stage: str, partition: int, generation: int) -> Fenced | None:
         if str(err).startswith("FENCED"):
+            current = str(err).split()[-1]  # 'false': the generation key is gone
+            if current == "false":
+                return Fenced(
+                    f"{stage}/{partition}: Redis holds no generation for the partition any "
+                    f"more (ours is {generation}): its keys were deleted",
+                    state_lost=True,
+                )
             return Fenced(
-                f"{stage}/{partition}: generation {generation} is stale "
-                f"(current {str(err).split()[-1]})"
+                f"{stage}/{partition}: generation {generation} is stale (current {current})"
             )
         return None
 

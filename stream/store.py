@@ -51,7 +51,13 @@ STAGES: tuple[str, ...] = ("ingest", "detect")
 
 
 class Fenced(RuntimeError):
-    """The caller's generation is stale: another owner claimed the partition since."""
+    """The caller's generation is stale: another owner claimed the partition since — or,
+    with ``state_lost``, the store holds no generation for it at all (its keys were
+    deleted, the database flushed or replaced while the caller ran): nobody owns it."""
+
+    def __init__(self, message: str, *, state_lost: bool = False) -> None:
+        super().__init__(message)
+        self.state_lost = state_lost
 
 
 class OutMessage(NamedTuple):
@@ -413,7 +419,8 @@ class MemoryStore:
         if p.owner is None or generation != p.generation:
             raise Fenced(
                 f"{stage}/{partition}: generation {generation} is stale "
-                f"(current {p.generation}, owner {p.owner!r})"
+                f"(current {p.generation}, owner {p.owner!r})",
+                state_lost=p.owner is None,  # as RedisStore: no generation for it at all
             )
 
     async def commit(

@@ -51,7 +51,10 @@ rebalance may be handed over after the partition was re-claimed), so nothing is 
 twice whatever the rebalance timing.
 
 Failures: a commit raising :class:`~stream.store.Fenced` means another worker owns the
-partition — it is paused and dropped, with an error log naming it. Redis connection errors
+partition — it is paused and dropped, with an error log naming it — unless Redis holds no
+generation for it at all (keys deleted or flushed while the worker ran) and the partition is
+still assigned here: then it is re-claimed, and the claim's checkpoint check replays or
+resets it (ERROR log, ``<stage>_state_lost_running``). Redis connection errors
 are retried with backoff inside :class:`~stream.redis_store.RedisStore` (the worker stalls,
 it does not crash-loop). Any other commit error re-claims the partition from Redis, so the
 in-memory engine never runs ahead of the durable state. Kafka publish errors are retried
@@ -816,6 +819,27 @@ class StageRunner:
         self.stats.alerts.extend(orjson.loads(m.value) for m in msgs)
         return msgs
 
+    async def _on_fenced(self, p: int, err: Fenced) -> None:
+        """A commit or ack of partition ``p`` was refused. Another owner: stop here. The
+        store lost the partition (no generation at all) while it is still assigned here:
+        re-claim it, and the checkpoint check of the claim decides between a replay and a
+        reset (:meth:`_verify_checkpoint`)."""
+        assigned = self.consumer is not None and any(
+            TopicPartition(t, p) in self.consumer.assignment() for t in self.input_topics
+        )
+        if not (err.state_lost and assigned):
+            self._fence(p, err)
+            return
+        log.error(
+            "%s/%d: STATE LOST WHILE RUNNING — %s (FLUSHDB, DEL, a replaced or restored-empty "
+            "instance); re-claiming the partition",
+            self.stage,
+            p,
+            err,
+        )
+        self.stats.inc(f"{self.stage}_state_lost_running")
+        await self._reclaim(p)
+
     def _fence(self, p: int, err: Exception) -> None:
         log.error(
             "%s/%d: FENCED — another worker claimed this partition; stopping its "
@@ -825,13 +849,7 @@ class StageRunner:
             err,
         )
         self.stats.inc(f"{self.stage}_fenced")
-        self._release_metrics(p)
-        self._drop(p)
-        self.fenced.add(p)
-        if self.consumer is not None:
-            tps = [TopicPartition(t, p) for t in self.input_topics]
-            with contextlib.suppress(Exception):
-                self.consumer.pause(*[tp for tp in tps if tp in self.consumer.assignment()])
+        self._pause(p)
 
     def _claim_failed(self, p: int, err: Exception) -> None:
         """Partition ``p`` cannot be (re-)claimed: pause it, loudly, until a rebalance."""
@@ -844,6 +862,11 @@ class StageRunner:
             err,
         )
         self.stats.inc(f"{self.stage}_claim_errors")
+        self._pause(p)
+
+    def _pause(self, p: int) -> None:
+        """Stop processing partition ``p`` here until the next rebalance: drop its engine,
+        fence it, pause its input partitions."""
         self._release_metrics(p)
         self._drop(p)
         self.fenced.add(p)
@@ -860,6 +883,11 @@ class StageRunner:
         are still absorbed and published by the caller."""
         log.exception("%s/%d: commit failed (%s); re-claiming from Redis", self.stage, p, err)
         self.stats.inc(f"{self.stage}_recoveries")
+        await self._reclaim(p)
+
+    async def _reclaim(self, p: int) -> None:
+        """Drop partition ``p``'s engine and claim it again from the store (after 1 s);
+        never raises: a failed claim pauses the partition."""
         await asyncio.sleep(1.0)
         self._drop(p)
         try:
@@ -1125,7 +1153,7 @@ class IngestRunner(StageRunner):
         published: list[tuple[int, list[OutMessage]]] = []
         for p, res in zip(parts, results, strict=True):
             if isinstance(res, Fenced):
-                self._fence(p, res)
+                await self._on_fenced(p, res)
                 continue
             if isinstance(res, BaseException):
                 await self._recover(p, res)  # type: ignore[arg-type]
@@ -1153,7 +1181,7 @@ class IngestRunner(StageRunner):
         try:
             await self.store.ack_outbox(self.stage, p, gen, [m.id for m in msgs])
         except Fenced as err:
-            self._fence(p, err)
+            await self._on_fenced(p, err)
 
     async def _caught_up(self, p: int) -> bool:
         """Whether the consumer returned every record of partition ``p`` the log holds (its
@@ -1357,7 +1385,7 @@ class DetectRunner(StageRunner):
                 killswitch=out.killswitch,
             )
         except Fenced as err:
-            self._fence(p, err)
+            await self._on_fenced(p, err)
             return
         except Exception as err:
             await self._recover(p, err)
@@ -1401,7 +1429,7 @@ class DetectRunner(StageRunner):
                     "detect", p, self.generation[p], [m.id for m in out.messages]
                 )
             except Fenced as err:
-                self._fence(p, err)
+                await self._on_fenced(p, err)
 
 
 MANUAL_IDS_KEPT: Final = 1024

@@ -14,7 +14,8 @@
   stopped → replay from offset 0 (exact: same summaries, same final state); keys deleted and
   the log truncated (``delete_records``) → fresh state from the committed offsets and a
   ``state_reset`` alert; an older copy of the keys restored (DUMP/RESTORE) → WARNING, replay
-  from the older checkpoint, same final state.
+  from the older checkpoint, same final state; keys deleted while the worker *runs* → its
+  next commits find no generation, it re-claims (not fenced) and replays exactly.
 
 Determinism: one partition per topic (stage 2 applies summaries in arrival order, so with
 several stage-1 partitions the interleaving of their summaries — and what the sequential
@@ -580,6 +581,71 @@ def test_deleted_state_is_replayed_from_offset_zero(
         state_b = run.state("detect")
         assert state_b is not None
         assert_close(_counters_off(state_b), _counters_off(state_a), "detect state")
+    finally:
+        run.close()
+
+
+def test_state_deleted_while_the_worker_runs_is_reclaimed_and_replayed(
+    env: WorkerEnv, demo: tuple[MonitorConfig, Profile], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis keys of both stages deleted while the worker runs (a FLUSHDB, say): its next
+    commits find no generation at all, which is not another owner. It logs ERROR, re-claims
+    the partitions instead of pausing them, the claim's check replays from offset 0 (the
+    log is intact) and every prediction, before and after the loss, is counted once.
+
+    The second half starts 200 s of event time after the first: a replay is exact only up
+    to the wall-clock tick closes (idle flushes) of the run that lost its state. An event
+    that arrived after its tick was idle-flushed was counted late into a newer tick; a
+    replay closes ticks on event time, so it counts the event in its own tick, whose
+    summary id stage 2 already has from the lost run."""
+    preds = _preds(seed=8, rate=15.0, span_s=130.0)
+    half = len(preds) // 2
+    preds[half:] = [{**p, "ts": p["ts"] + 200.0} for p in preds[half:]]
+    produce(env, (("prediction", p) for p in preds[:half]), 4)
+    run = Run(env, demo)
+    caplog.set_level(logging.WARNING, logger="driftline.worker")
+    try:
+        w = run.worker()
+
+        def mirrored() -> bool:  # the Kafka copy of the checkpoints tells the claim what was lost
+            return all(
+                st._kafka_committed.get(tp) == off
+                for st in w.stages
+                for tp, off in st._checkpointed.items()
+            )
+
+        async def main() -> None:
+            await w.start()
+            try:
+                await asyncio.wait_for(w.wait_assigned(), 60)
+                await until("the first half caught up", lambda: run.caught_up(half), 90)
+                await until("the checkpoints mirrored to Kafka", mirrored, 30)
+                keys = partition_keys(run.client, run.prefix)
+                assert any(k.endswith(b"{detect:0}:gen") for k in keys), keys
+                assert run.client.delete(*keys) == len(keys)
+                rest = (("prediction", p) for p in preds[half:])
+                await asyncio.get_running_loop().run_in_executor(None, produce, env, rest, 4)
+                try:
+                    await until("every prediction counted after the loss",
+                                lambda: run.caught_up(len(preds)), 90)  # fmt: skip
+                except AssertionError as err:
+                    state = f"{run.describe()}; {dict(w.stats.counters)}"
+                    raise AssertionError(f"{err}: {state}") from None
+                c = w.stats.counters
+                for stage in ("ingest", "detect"):
+                    assert c[f"{stage}_state_lost_running"] >= 1, dict(c)
+                    assert c[f"{stage}_state_replays"] >= 1, dict(c)
+                    assert c[f"{stage}_fenced"] == c[f"{stage}_claim_errors"] == 0, dict(c)
+                assert not any(st.fenced for st in w.stages)
+            finally:
+                await asyncio.wait_for(w.stop(), 60)
+
+        asyncio.run(main())
+        assert counted(run.summaries.docs())[0] == len(preds)  # once each, none lost
+        lost = [r for r in caplog.records if "STATE LOST WHILE RUNNING" in r.getMessage()]
+        assert {r.levelname for r in lost} == {"ERROR"}, lost
+        assert any("ingest/0" in r.getMessage() for r in lost)
+        assert any("detect/0" in r.getMessage() for r in lost)
     finally:
         run.close()
 

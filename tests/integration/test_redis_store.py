@@ -353,21 +353,33 @@ def test_fenced_commit_and_ack_change_no_key(redis_url: str) -> None:
             return out
 
         before = await dump()
-        with pytest.raises(Fenced, match="generation 1 is stale"):
+        with pytest.raises(Fenced, match="generation 1 is stale") as stale:
             await store.commit(
                 "ingest", 1, old.generation, state=b"EVIL", next_offset={"p": 99},
                 outbox=[OutMessage("o2", "t", b"k", b"v")],
                 join_ops=[label("x"), park("y")], killswitch={"m": b"EVIL"},
             )  # fmt: skip
-        with pytest.raises(Fenced):
+        assert not stale.value.state_lost  # another owner, not a lost partition
+        with pytest.raises(Fenced) as stale:
             await store.ack_outbox("ingest", 1, old.generation, ["o1"])
+        assert not stale.value.state_lost
         assert await dump() == before
-        with pytest.raises(Fenced):  # never claimed: generation 0 is not valid either
+        with pytest.raises(Fenced) as lost:  # never claimed: generation 0 is not valid either
             await store.commit("ingest", 9, 0, state=b"", next_offset={})
+        assert lost.value.state_lost  # no generation at all: the store does not know it
         r = await store.commit(
             "ingest", 1, new.generation, state=b"S1", next_offset={}, join_ops=[label("x")]
         )
         assert [o.outcome for o in r.outcomes] == ["joined"]
+        # the partition's keys deleted under its owner (FLUSHDB, DEL): commit and ack say
+        # the state was lost rather than that someone else owns it
+        await store.redis.delete(store._key("ingest", 1, "gen"))
+        with pytest.raises(Fenced, match="no generation") as lost:
+            await store.commit("ingest", 1, new.generation, state=b"S2", next_offset={})
+        assert lost.value.state_lost
+        with pytest.raises(Fenced) as lost:
+            await store.ack_outbox("ingest", 1, new.generation, ["o1"])
+        assert lost.value.state_lost
 
     _run(redis_url, body)
 
