@@ -261,3 +261,158 @@ def test_label_fast_path_takes_clean_messages_and_declines_bad_ones() -> None:
     assert d._fast_labels(docs, NOW) is None  # now all duplicates
     assert d._fast_labels([_label(7, label=None)], NOW) is None
     assert d._fast_labels([{k: v for k, v in _label(8).items() if k != "ts"}], NOW) is None
+
+
+# --------------------------------------------------------------------------- prediction fast paths
+
+
+def _dumps(obj: Any) -> bytes:
+    """JSON bytes; unlike orjson, ints of any size."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _rich(i: int) -> dict[str, Any]:
+    """A prediction with every optional field, varying by ``i``."""
+    return pred(
+        i,
+        model_id="fraud" if i % 2 else "churn",
+        ts=NOW - 10 + (i % 50) / 8,
+        features={
+            "amount": [12.5, 3, 0.0][i % 3],
+            "country": ["DE", None, 7][i % 3],
+            "flag": [True, False, 1.5][i % 3],
+        },
+        prediction=[1, 0.25, "yes", False][i % 4],
+        score=[0.7, None][i % 2],
+        latency_ms=[3.5, 0.0][i % 2],
+        cost_usd=0.001,
+        slice={"region": ["eu", "us"][i % 2]},
+    )
+
+
+def _without(key: str) -> dict[str, Any]:
+    return {"__drop__": key}
+
+
+PREDICTION_MUTATIONS: list[dict[str, Any]] = [
+    {},
+    {"ts": 5},  # int
+    {"ts": 2**60},  # int beyond a float's exact range (and in the future)
+    {"ts": -1.0},
+    {"ts": True},
+    {"ts": "1"},
+    {"ts": NOW + 10_000},
+    {"score": 1},  # int score
+    {"score": True},
+    {"score": "0.5"},
+    {"latency_ms": None},  # an explicit null where only absence is allowed
+    {"latency_ms": 4},
+    {"latency_ms": -0.5},
+    {"cost_usd": None},
+    {"cost_usd": -1.0},
+    {"slice": None},
+    {"slice": {}},
+    {"slice": {"region": 1}},
+    {"slice": {"r" * 129: "eu"}},
+    {"slice": {"region": "e" * 129}},
+    {"slice": {f"k{j}": "v" for j in range(17)}},
+    {"features": {}},
+    {"features": {"amount": [1]}},
+    {"features": {"amount": {"a": 1}}},
+    {"features": {"x" * 129: 1.0}},
+    {"features": {"x" * 128: 1.0}},
+    {"features": {f"f{j}": 1.0 for j in range(513)}},
+    {"features": {"amount": 2**70}},  # an int msgspec cannot hold
+    {"features": None},
+    {"prediction": None},
+    {"prediction": [1]},
+    {"model_id": "nope"},
+    {"model_id": 7},
+    {"model_version": ""},
+    {"model_version": "v" * 65},
+    {"event_id": ""},
+    {"event_id": "é" * 200},  # 200 characters, 400 bytes
+    {"event_id": "😀" * 201},
+    {"event_id": "e0"},  # a duplicate of the first event
+    {"request_id": 3},
+    {"extra": 1},
+    {"llm": {"input_tokens": 3}},
+    _without("score"),
+    _without("latency_ms"),
+    _without("slice"),
+    _without("ts"),
+    _without("features"),
+]
+
+
+def _mutated(docs: list[dict[str, Any]], at: int, mutation: dict[str, Any]) -> None:
+    if "__drop__" in mutation:
+        docs[at] = {k: v for k, v in docs[at].items() if k != mutation["__drop__"]}
+    else:
+        docs[at] = {**docs[at], **mutation}
+
+
+def _decode_all(raws: list[bytes], monkeypatch: pytest.MonkeyPatch, off: tuple[str, ...]) -> Any:
+    with monkeypatch.context() as m:
+        for name in off:
+            m.setattr(Decoder, name, lambda self, *a: None)
+        d = dec()
+        return [d.decode(r, NOW) for r in raws], d._dedupe.cur
+
+
+@pytest.mark.parametrize("mutation", PREDICTION_MUTATIONS, ids=repr)
+def test_prediction_fast_paths_give_the_per_event_result(
+    mutation: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The msgspec path and the orjson column path are only shortcuts: events (types and
+    values, ints kept ints), rejects and the dedupe window come out as the per-event
+    validator leaves them — each path either agrees or declines."""
+    docs = [_rich(i) for i in range(6)]
+    _mutated(docs, 3, mutation)
+    raws = [
+        _dumps(docs),
+        _dumps(docs[:2]),
+        _dumps(docs[3]),
+        b" " + _dumps(docs[3:5]),
+        _dumps([docs[3]]).replace(b'"event_id"', b'"event_id":"dup","event_id"', 1),
+    ]
+    both = _decode_all(raws, monkeypatch, ())
+    orjson_only = _decode_all(raws, monkeypatch, ("_typed_predictions",))
+    per_event = _decode_all(raws, monkeypatch, ("_typed_predictions", "_fast_predictions"))
+    assert both == orjson_only == per_event
+    for ok, _ in both[0]:
+        for got, want in zip(ok, per_event[0][0][0], strict=False):
+            assert type(got) is Prediction
+            assert [type(v) for v in got] == [type(v) for v in want]
+
+
+def test_prediction_fast_paths_under_random_mutations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several mutations at once on random events of 200 random messages: the three paths
+    agree message by message (the dedupe window carried along)."""
+    import random
+
+    rng = random.Random(7)
+    raws = []
+    for k in range(200):
+        docs = [_rich(100 * k + i) for i in range(rng.randint(1, 8))]
+        for _ in range(rng.choice([0, 0, 1, 2, 3])):
+            _mutated(docs, rng.randrange(len(docs)), rng.choice(PREDICTION_MUTATIONS))
+        raws.append(_dumps(docs))
+    both = _decode_all(raws, monkeypatch, ())
+    assert both == _decode_all(raws, monkeypatch, ("_typed_predictions",))
+    assert both == _decode_all(raws, monkeypatch, ("_typed_predictions", "_fast_predictions"))
+    assert sum(len(ok) for ok, _ in both[0]) > 300 and sum(len(b) for _, b in both[0]) > 50
+
+
+def test_typed_path_takes_clean_messages_and_declines_bad_ones() -> None:
+    d = dec()
+    docs = [_rich(i) for i in range(4)]
+    ok = d._typed_predictions(_dumps(docs), NOW)
+    assert ok is not None and [e.event_id for e in ok] == ["e0", "e1", "e2", "e3"]
+    assert ok[1] == Prediction("e1", "fraud", "v1", "r1", NOW - 10 + 1 / 8,
+                               {"amount": 3, "country": None, "flag": False}, 0.25, None, 0.0,
+                               0.001, {"region": "us"}, None)  # fmt: skip
+    assert type(ok[1].features["amount"]) is int
+    assert d._typed_predictions(_dumps(docs), NOW) is None  # now all duplicates
+    assert d._typed_predictions(_dumps([_rich(9) | {"latency_ms": None}]), NOW) is None
+    assert d._typed_predictions(_dumps(_rich(10)), NOW) is None  # not an array
