@@ -36,13 +36,10 @@ import math
 import re
 from collections.abc import Iterable
 from itertools import chain, repeat
-from operator import attrgetter
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
-import msgspec
 import orjson
-from msgspec import UNSET, Meta, UnsetType
 
 EventKind = Literal["prediction", "label"]
 
@@ -502,39 +499,6 @@ def _has_non_finite(v: object) -> bool:
     return False
 
 
-# The typed fast path: msgspec parses a whole array message into structs whose field types
-# and limits are those of :func:`validate_prediction` — a C-level parse that validates as it
-# goes, ~1.5x faster than orjson + :meth:`Decoder._fast_predictions`. Like that one it only
-# ever accepts: the types are unions of exactly the JSON types the rules take (ints stay
-# ints), and what they cannot express (an explicit null where a field may only be absent,
-# an int score or latency, ``llm``, known models, future timestamps, duplicates) is checked
-# afterwards; anything else falls back to the orjson path, which names the error.
-_Name = Annotated[str, Meta(max_length=128)]
-_Id200 = Annotated[str, Meta(min_length=1, max_length=200)]
-_Id64 = Annotated[str, Meta(min_length=1, max_length=64)]
-
-
-class _TypedPrediction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    event_id: _Id200
-    model_id: str
-    model_version: _Id64
-    request_id: _Id200
-    ts: Annotated[float, Meta(ge=0)]
-    features: Annotated[dict[_Name, int | float | str | bool | None], Meta(max_length=512)]
-    prediction: int | float | str | bool
-    score: int | float | None = None
-    latency_ms: int | float | UnsetType | None = UNSET
-    cost_usd: int | float | UnsetType | None = UNSET
-    slice: Annotated[dict[_Name, _Name], Meta(max_length=16)] | UnsetType | None = UNSET
-    llm: Any = UNSET
-
-
-_TYPED_DECODER: Final = msgspec.json.Decoder(list[_TypedPrediction])
-_TYPED_FIELDS: Final = tuple(attrgetter(name) for name in PREDICTION_FIELDS)
-_FLOAT_OR_UNSET_T: Final = frozenset({float, UnsetType})
-_DICT_OR_UNSET_T: Final = frozenset({dict, UnsetType})
-
-
 class Decoder:
     """Decode raw Kafka message values into typed events and rejections.
 
@@ -583,10 +547,6 @@ class Decoder:
                 )
             )
             return events, rejects
-        if self.kind == "prediction" and raw[:1] == b"[":
-            typed = self._typed_predictions(raw, now)
-            if typed is not None:
-                return typed, rejects
         lenient = False
         try:
             doc = orjson.loads(raw)
@@ -662,52 +622,6 @@ class Decoder:
                 continue
             events.append(ev)
         return events, rejects
-
-    def _typed_predictions(self, raw: bytes, now: float) -> list[Prediction] | None:
-        """All events of an array message parsed and validated by msgspec (see
-        :class:`_TypedPrediction`); None when anything is unusual — the orjson path then
-        decides, with the same result, as :meth:`_fast_predictions` does."""
-        try:
-            evs = _TYPED_DECODER.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        n = len(evs)
-        if n == 0 or n > self.max_events_per_message:
-            return None
-        eids, mids, versions, rids, ts, feats, preds, scores, lats, costs, slices, llms = (
-            list(map(get, evs)) for get in _TYPED_FIELDS
-        )
-        known = self.known_models
-        if known is not None:
-            if not known.issuperset(mids):
-                return None
-        elif None in map(MODEL_ID_RE.fullmatch, mids):
-            return None
-        if max(ts) > now + self.max_future_s or not _OPT_FLOAT_T.issuperset(map(type, scores)):
-            return None
-        opt: list[list[Any]] = []
-        for col in (lats, costs):
-            types = set(map(type, col))
-            if not _FLOAT_OR_UNSET_T.issuperset(types):
-                return None  # an explicit null or an int
-            vals = [None if v is UNSET else v for v in col] if UnsetType in types else col
-            if float in types and min(v for v in vals if v is not None) < 0:
-                return None
-            opt.append(vals)
-        types = set(map(type, slices))
-        if not _DICT_OR_UNSET_T.issuperset(types):
-            return None  # an explicit null
-        if UnsetType in types:
-            slices = [None if v is UNSET else v for v in slices]
-        if set(map(type, llms)) != {UnsetType}:
-            return None  # llm: the per-event path builds LLMInfo
-        if not self._dedupe_all(list(map("\x00".join, zip(mids, eids, strict=True)))):
-            return None
-        rows = zip(
-            eids, mids, versions, rids, ts, feats, preds, scores, opt[0], opt[1], slices,
-            repeat(None),
-        )  # fmt: skip
-        return list(map(_TUPLE_NEW, repeat(Prediction), rows))
 
     def _fast_predictions(self, docs: list[Any], now: float) -> list[Prediction] | None:
         """All events of one strictly parsed message, validated column by column.

@@ -263,7 +263,7 @@ def test_label_fast_path_takes_clean_messages_and_declines_bad_ones() -> None:
     assert d._fast_labels([{k: v for k, v in _label(8).items() if k != "ts"}], NOW) is None
 
 
-# --------------------------------------------------------------------------- prediction fast paths
+# --------------------------------------------------------------------------- prediction fast path
 
 
 def _dumps(obj: Any) -> bytes:
@@ -322,7 +322,7 @@ PREDICTION_MUTATIONS: list[dict[str, Any]] = [
     {"features": {"x" * 129: 1.0}},
     {"features": {"x" * 128: 1.0}},
     {"features": {f"f{j}": 1.0 for j in range(513)}},
-    {"features": {"amount": 2**70}},  # an int msgspec cannot hold
+    {"features": {"amount": 2**70}},  # an int beyond 64 bits
     {"features": None},
     {"prediction": None},
     {"prediction": [1]},
@@ -364,9 +364,9 @@ def _decode_all(raws: list[bytes], monkeypatch: pytest.MonkeyPatch, off: tuple[s
 def test_prediction_fast_paths_give_the_per_event_result(
     mutation: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The msgspec path and the orjson column path are only shortcuts: events (types and
-    values, ints kept ints), rejects and the dedupe window come out as the per-event
-    validator leaves them — each path either agrees or declines."""
+    """The whole-message column path is only a shortcut: events (types and values, ints
+    kept ints), rejects and the dedupe window come out as the per-event validator leaves
+    them — it either agrees or declines."""
     docs = [_rich(i) for i in range(6)]
     _mutated(docs, 3, mutation)
     raws = [
@@ -376,19 +376,18 @@ def test_prediction_fast_paths_give_the_per_event_result(
         b" " + _dumps(docs[3:5]),
         _dumps([docs[3]]).replace(b'"event_id"', b'"event_id":"dup","event_id"', 1),
     ]
-    both = _decode_all(raws, monkeypatch, ())
-    orjson_only = _decode_all(raws, monkeypatch, ("_typed_predictions",))
-    per_event = _decode_all(raws, monkeypatch, ("_typed_predictions", "_fast_predictions"))
-    assert both == orjson_only == per_event
-    for ok, _ in both[0]:
+    fast = _decode_all(raws, monkeypatch, ())
+    per_event = _decode_all(raws, monkeypatch, ("_fast_predictions",))
+    assert fast == per_event
+    for ok, _ in fast[0]:
         for got, want in zip(ok, per_event[0][0][0], strict=False):
             assert type(got) is Prediction
             assert [type(v) for v in got] == [type(v) for v in want]
 
 
 def test_prediction_fast_paths_under_random_mutations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Several mutations at once on random events of 200 random messages: the three paths
-    agree message by message (the dedupe window carried along)."""
+    """Several mutations at once on random events of 200 random messages: both paths agree
+    message by message (the dedupe window carried along)."""
     import random
 
     rng = random.Random(7)
@@ -398,21 +397,20 @@ def test_prediction_fast_paths_under_random_mutations(monkeypatch: pytest.Monkey
         for _ in range(rng.choice([0, 0, 1, 2, 3])):
             _mutated(docs, rng.randrange(len(docs)), rng.choice(PREDICTION_MUTATIONS))
         raws.append(_dumps(docs))
-    both = _decode_all(raws, monkeypatch, ())
-    assert both == _decode_all(raws, monkeypatch, ("_typed_predictions",))
-    assert both == _decode_all(raws, monkeypatch, ("_typed_predictions", "_fast_predictions"))
-    assert sum(len(ok) for ok, _ in both[0]) > 300 and sum(len(b) for _, b in both[0]) > 50
+    fast = _decode_all(raws, monkeypatch, ())
+    assert fast == _decode_all(raws, monkeypatch, ("_fast_predictions",))
+    assert sum(len(ok) for ok, _ in fast[0]) > 300 and sum(len(b) for _, b in fast[0]) > 50
 
 
-def test_typed_path_takes_clean_messages_and_declines_bad_ones() -> None:
+def test_prediction_fast_path_takes_clean_messages_and_declines_bad_ones() -> None:
     d = dec()
     docs = [_rich(i) for i in range(4)]
-    ok = d._typed_predictions(_dumps(docs), NOW)
+    ok = d._fast_predictions(docs, NOW)
     assert ok is not None and [e.event_id for e in ok] == ["e0", "e1", "e2", "e3"]
     assert ok[1] == Prediction("e1", "fraud", "v1", "r1", NOW - 10 + 1 / 8,
                                {"amount": 3, "country": None, "flag": False}, 0.25, None, 0.0,
                                0.001, {"region": "us"}, None)  # fmt: skip
     assert type(ok[1].features["amount"]) is int
-    assert d._typed_predictions(_dumps(docs), NOW) is None  # now all duplicates
-    assert d._typed_predictions(_dumps([_rich(9) | {"latency_ms": None}]), NOW) is None
-    assert d._typed_predictions(_dumps(_rich(10)), NOW) is None  # not an array
+    assert d._fast_predictions(docs, NOW) is None  # now all duplicates
+    assert d._fast_predictions([_rich(9) | {"latency_ms": None}], NOW) is None
+    assert d._fast_predictions([_rich(10) | {"score": 1}], NOW) is None
