@@ -66,18 +66,28 @@ def env(
 
 
 class Reader(TopicReader):
-    """A :class:`TopicReader` that rides out a broker outage (transport errors are
-    transient: librdkafka reconnects by itself)."""
+    """A :class:`TopicReader` that rides out a broker outage: it reads every partition from
+    the beginning by assignment, with no consumer group (a group's coordinator is itself
+    unavailable or loading while the broker restarts, and a reader that joins then can stay
+    without positions), and transport errors are transient (librdkafka reconnects)."""
 
-    TRANSIENT = (
-        KafkaError._TRANSPORT,
-        KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._PARTITION_EOF,
-        # the group coordinator moves or reloads while the broker restarts
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-    )
+    TRANSIENT = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._PARTITION_EOF)
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer
+        from confluent_kafka import TopicPartition as CTopicPartition
+
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"reader-{topic}-{time.monotonic_ns()}",  # never joined
+                "enable.auto.commit": False,
+            }
+        )
+        parts = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        assert parts, f"topic {topic!r} has no partitions"
+        self.consumer.assign([CTopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        self.values: list[dict[str, Any]] = []
 
     def poll(self, seconds: float = 0.2) -> list[dict[str, Any]]:
         import orjson
@@ -144,12 +154,25 @@ def _assert_healthy(*workers: Worker) -> None:
 
 
 def _paced(env: WorkerEnv, events: Events, chunks: int, gap_s: float) -> int:
-    """:func:`produce` in ``chunks`` parts ``gap_s`` apart: a load that lasts."""
-    n, size = 0, -(-len(events) // chunks)
-    for i in range(0, len(events), size):
-        n += produce(env, iter(events[i : i + size]), 10)
-        time.sleep(gap_s)
-    return n
+    """``events`` through one SDK producer in ``chunks`` parts ``gap_s`` apart (each part
+    flushed): a load that lasts."""
+    from stream.sdk import DriftlineProducer
+
+    sdk = DriftlineProducer(
+        env.bootstrap, predictions_topic=env.topics.predictions, labels_topic=env.topics.labels,
+        max_queue=1_000_000, batch_events=10,
+    )  # fmt: skip
+    size = -(-len(events) // chunks)
+    try:
+        for i in range(0, len(events), size):
+            for kind, ev in events[i : i + size]:
+                assert sdk.log_event(kind, ev)
+            assert sdk.flush(30) == 0
+            time.sleep(gap_s)
+    finally:
+        assert sdk.close(60) == 0
+    assert sdk.dropped == 0 and sdk.delivery_errors == 0
+    return len(events)
 
 
 def _stored_offsets(url: str, store: RedisStore, parts: tuple[int, ...]) -> dict[Any, int]:
@@ -561,7 +584,7 @@ def test_redis_loses_the_aof_tail_of_acknowledged_commits(
             await asyncio.sleep(1.5)  # the claims are older than what the crash loses
             # paced, so stage 1 is still committing when the crash comes (sent at once, it
             # could finish the backlog before the cut and leave only stage-2 commits to lose)
-            sending = loop.run_in_executor(None, _paced, env, events[third:], 20, 0.25)
+            sending = loop.run_in_executor(None, _paced, env, events[third:], 10, 0.25)
             aof_dir = redis_service.data_dir / "appendonlydir"
             incr = sorted(aof_dir.glob("*.incr.aof"))[-1]
             ingest = worker.stages[0]
