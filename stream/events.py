@@ -472,6 +472,14 @@ def _column(docs: list[dict[str, Any]], name: str) -> list[Any]:
     return list(map(dict.get, docs, repeat(name)))
 
 
+def _ids_ok(vals: list[Any], longest: int) -> bool:
+    """Every value of a column is a string of 1 to ``longest`` characters."""
+    if not _STR_T.issuperset(map(type, vals)):
+        return False
+    lens = list(map(len, vals))
+    return min(lens) >= 1 and max(lens) <= longest
+
+
 def _lenient_loads(raw: bytes) -> Any:
     """Parse JSON that contains NaN/Infinity tokens (Python ``json`` accepts them)."""
     return json.loads(raw)
@@ -648,30 +656,15 @@ class Decoder:
             return sum(map(dict.__contains__, docs, repeat(name)))
 
         mids = col("model_id")
-        known = self.known_models
-        if not _STR_T.issuperset(map(type, mids)):
-            return None
-        if known is not None:
-            if not known.issuperset(mids):
-                return None
-        elif None in map(MODEL_ID_RE.fullmatch, mids):
+        if not self._model_ids_ok(mids):
             return None
         eids = col("event_id")
         versions = col("model_version")
         rids = col("request_id")
-        for vals, hi in ((eids, 200), (versions, 64), (rids, 200)):
-            if not _STR_T.issuperset(map(type, vals)):
-                return None
-            lens = list(map(len, vals))
-            if min(lens) < 1 or max(lens) > hi:
-                return None
-        ts = col("ts")
-        ts_types = set(map(type, ts))
-        if not _TS_T.issuperset(ts_types) or min(ts) < 0:
+        if not (_ids_ok(eids, 200) and _ids_ok(versions, 64) and _ids_ok(rids, 200)):
             return None
-        if int in ts_types:
-            ts = list(map(float, ts))
-        if max(ts) > now + self.max_future_s:
+        ts = self._ts_column(docs, now)
+        if ts is None:
             return None
         feats = col("features")
         if not _DICT_T.issuperset(map(type, feats)) or max(map(len, feats)) > 512:
@@ -752,29 +745,14 @@ class Decoder:
         if sum(map(len, docs)) != len(_LABEL_ALLOWED) * n:  # every field is required
             return None
         mids = _column(docs, "model_id")
-        if not _STR_T.issuperset(map(type, mids)):
-            return None
-        known = self.known_models
-        if known is not None:
-            if not known.issuperset(mids):
-                return None
-        elif None in map(MODEL_ID_RE.fullmatch, mids):
+        if not self._model_ids_ok(mids):
             return None
         eids = _column(docs, "event_id")
         rids = _column(docs, "request_id")
-        for vals in (eids, rids):
-            if not _STR_T.issuperset(map(type, vals)):
-                return None
-            lens = list(map(len, vals))
-            if min(lens) < 1 or max(lens) > 200:
-                return None
-        ts = _column(docs, "ts")
-        ts_types = set(map(type, ts))
-        if not _TS_T.issuperset(ts_types) or min(ts) < 0:
+        if not (_ids_ok(eids, 200) and _ids_ok(rids, 200)):
             return None
-        if int in ts_types:
-            ts = list(map(float, ts))
-        if max(ts) > now + self.max_future_s:
+        ts = self._ts_column(docs, now)
+        if ts is None:
             return None
         labels = _column(docs, "label")
         if not _TARGET_T.issuperset(map(type, labels)):
@@ -782,6 +760,27 @@ class Decoder:
         if not self._dedupe_all(list(map("\x00".join, zip(mids, eids, strict=True)))):
             return None
         return list(map(_TUPLE_NEW, repeat(Label), zip(eids, mids, rids, ts, labels, strict=True)))
+
+    def _model_ids_ok(self, mids: list[Any]) -> bool:
+        """Every ``model_id`` of a column is a string of a configured model (or, with no
+        configured set, matches :data:`MODEL_ID_RE`)."""
+        if not _STR_T.issuperset(map(type, mids)):
+            return False
+        known = self.known_models
+        if known is not None:
+            return known.issuperset(mids)
+        return None not in map(MODEL_ID_RE.fullmatch, mids)
+
+    def _ts_column(self, docs: list[dict[str, Any]], now: float) -> list[Any] | None:
+        """The ``ts`` column as floats when every one is a non-negative number at most
+        ``max_future_s`` after ``now``; else None."""
+        ts = _column(docs, "ts")
+        ts_types = set(map(type, ts))
+        if not _TS_T.issuperset(ts_types) or min(ts) < 0:
+            return None
+        if int in ts_types:
+            ts = list(map(float, ts))
+        return None if max(ts) > now + self.max_future_s else ts
 
     def _dedupe_all(self, keys: list[str]) -> bool:
         """Add ``keys`` to the dedupe window if none was seen and the window does not rotate
