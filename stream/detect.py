@@ -38,7 +38,7 @@ import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -277,6 +277,9 @@ class CountWindow:
         return w
 
 
+_W = TypeVar("_W", TickWindow, CountWindow)
+
+
 def _percentile_from_hist(counts: FloatArray, edges: FloatArray, q: float) -> float:
     n = counts.sum()
     if n <= 0:
@@ -440,20 +443,15 @@ class ModelMonitor:
         findings += self._apply_labels(doc["labels"], tick)
         return findings
 
-    def _win(self, vm: VersionMonitor, key: str, width: int, window: int) -> TickWindow:
-        """A window of float sums (calibration, cost)."""
+    @staticmethod
+    def _window(vm: VersionMonitor, key: str, kind: type[_W], width: int, window: int) -> _W:
+        """``vm``'s window ``key``, created on first use: a :class:`TickWindow` of float sums
+        (calibration, cost) or a :class:`CountWindow` of counts (PSI bins, data quality,
+        latency histogram)."""
         w = vm.windows.get(key)
         if w is None:
-            w = vm.windows[key] = TickWindow(width, window)
-        assert isinstance(w, TickWindow)
-        return w
-
-    def _cwin(self, vm: VersionMonitor, key: str, width: int, window: int) -> CountWindow:
-        """A window of counts (PSI bins, data quality, latency histogram)."""
-        w = vm.windows.get(key)
-        if w is None:
-            w = vm.windows[key] = CountWindow(width, window)
-        assert isinstance(w, CountWindow)
+            w = vm.windows[key] = kind(width, window)
+        assert isinstance(w, kind)
         return w
 
     def _span(self, w: TickWindow | CountWindow) -> tuple[float, float]:
@@ -472,7 +470,9 @@ class ModelMonitor:
         feature: str | None,
         slice_: str | None = None,
     ) -> Finding | None:
-        w = self._cwin(vm, f"psi:{key}", psi.bins, self.model.detectors.psi_window_ticks)
+        w = self._window(
+            vm, f"psi:{key}", CountWindow, psi.bins, self.model.detectors.psi_window_ticks
+        )
         if not w.add(tick, counts):
             self.stale += 1
             return None
@@ -551,7 +551,7 @@ class ModelMonitor:
         bad_cat = f.get("not_allowed", 0)
         valid = f["n"] if numeric else present
         vec = [total, present, f["missing"] + nan, oor, bad_cat, f["wrong_type"], valid]
-        w = self._cwin(vm, f"quality:{name}", len(vec), QUALITY_WINDOW_TICKS)
+        w = self._window(vm, f"quality:{name}", CountWindow, len(vec), QUALITY_WINDOW_TICKS)
         if not w.add(tick, vec):
             self.stale += 1
             return []
@@ -863,7 +863,7 @@ class ModelMonitor:
     ) -> list[Finding]:
         d = self.model.detectors
         vec = [*j["calib_n"], *j["calib_pos"], *j["calib_score"]]
-        w = self._win(vm, f"calib:{slice_key}", 3 * CALIB_BINS, d.psi_window_ticks)
+        w = self._window(vm, f"calib:{slice_key}", TickWindow, 3 * CALIB_BINS, d.psi_window_ticks)
         if not w.add(tick, vec):
             self.stale += 1
             return []
@@ -898,7 +898,7 @@ class ModelMonitor:
         b = self.model.budgets
         out: list[Finding] = []
         if b.cost_usd_per_1k is not None and g["cost"]["n"]:
-            w = self._win(vm, "cost", 2, b.window_ticks)
+            w = self._window(vm, "cost", TickWindow, 2, b.window_ticks)
             w.add(tick, [g["cost"]["n"], g["cost"]["sum"]])
             n, total = w.total()
             if n >= b.min_count:
@@ -930,7 +930,7 @@ class ModelMonitor:
                 )
         lat = g["latency"]
         if b.latency_ms is not None and lat["n"]:
-            lw = self._cwin(vm, "latency", len(lat["counts"]), b.window_ticks)
+            lw = self._window(vm, "latency", CountWindow, len(lat["counts"]), b.window_ticks)
             lw.add(tick, lat["counts"])
             counts = lw.total().astype(np.float64)
             n = int(counts.sum())
