@@ -53,7 +53,11 @@ from stream.policy import Detail, Finding, KillSwitch, SignalPolicy, build_alert
 from stream.store import OutMessage
 from stream.summary import CALIB_BINS, LATENCY_EDGES_MS, ModelPlan
 
-STATE_SCHEMA: Final = 1
+# 2: count windows save their ring arrays ([width, window, newest, slot_ticks, rows]) instead
+# of [[tick, row as floats], ...]; schema-1 states still load (their windows in the old
+# layout), a schema-1 worker refuses schema 2 (docs/deploy.md, "Upgrades and rollbacks")
+STATE_SCHEMA: Final = 2
+READABLE_SCHEMAS: Final = frozenset({1, 2})
 DETECTOR_NAMES: Final[tuple[str, ...]] = (
     "psi",
     "cusum",
@@ -159,13 +163,22 @@ class CountWindow:
     ticks of the window would share a row, so sparse streams stay small; ``total()`` is one
     masked int64 sum (exact).
 
+    Its state is the ring itself (see :meth:`to_state`): serialising it creates no Python
+    object per count, which is what makes a stage-2 checkpoint of thousands of full windows
+    cheap. :meth:`from_state` also loads the older ``[width, window, newest, [[tick, row],
+    ...]]`` layout (and a :class:`TickWindow` state of counts).
+
     >>> w = CountWindow(3, 4)
     >>> [w.add(t, [t, 1, 0]) for t in (10, 12, 11, 14, 10)]
     [True, True, True, True, False]
     >>> w.total().tolist(), w.start_tick, w.newest
     ([37, 3, 0], 11, 14)
-    >>> CountWindow.from_state(w.to_state()).to_state() == w.to_state()
-    True
+    >>> saved = orjson.dumps(w.to_state(), option=orjson.OPT_SERIALIZE_NUMPY)
+    >>> saved
+    b'[3,4,14,[12,-9223372036854775808,14,11],[[12,1,0],[0,0,0],[14,1,0],[11,1,0]]]'
+    >>> back = CountWindow.from_state(orjson.loads(saved))
+    >>> back.total().tolist(), back.start_tick, back.newest
+    ([37, 3, 0], 11, 14)
     """
 
     __slots__ = ("newest", "rows", "slot_ticks", "width", "window")
@@ -246,21 +259,35 @@ class CountWindow:
         return int(ticks.min()) if ticks.shape[0] else 0
 
     def to_state(self) -> list[Any]:
-        """``TickWindow``'s layout (rows as floats), so either class loads the other's state."""
-        newest = self.newest
-        rows: list[list[Any]] = []
-        if newest is not None:
-            cut = newest - self.window
-            live = sorted((t, s) for s, t in enumerate(self.slot_ticks.tolist()) if t > cut)
-            as_floats = self.rows.astype(np.float64).tolist()
-            rows = [[t, as_floats[s]] for t, s in live]
-        return [self.width, self.window, newest, rows]
+        """``[width, window, newest, slot_ticks, rows]``: the ring's own arrays, not copies.
+
+        Serialise it (``orjson.OPT_SERIALIZE_NUMPY``) before the next :meth:`add`. Slots of
+        expired ticks are cleared first (in place: they are dead data), so a window restored
+        from this state saves the same bytes again."""
+        if self.newest is not None:
+            dead = self.slot_ticks <= self.newest - self.window
+            if dead.any():
+                self.slot_ticks[dead] = _NO_TICK
+                self.rows[dead] = 0
+        return [self.width, self.window, self.newest, self.slot_ticks, self.rows]
 
     @classmethod
     def from_state(cls, doc: Sequence[Any]) -> CountWindow:
-        """Load :meth:`to_state` (or a :class:`TickWindow` state of counts)."""
+        """Load :meth:`to_state`, the older ``[width, window, newest, [[tick, row], ...]]``
+        layout, or a :class:`TickWindow` state of counts."""
         w = cls(int(doc[0]), int(doc[1]))
-        w.newest = doc[2]
+        w.newest = None if doc[2] is None else int(doc[2])
+        if len(doc) == 5:
+            ticks = np.asarray(doc[3], np.int64).reshape(-1)
+            rows = np.asarray(doc[4], np.int64).reshape(ticks.shape[0], w.width)
+            if w.newest is not None and ticks.shape[0]:
+                live = ticks > w.newest - w.window
+                ticks = np.where(live, ticks, _NO_TICK)
+                rows[~live] = 0
+                fits = rows.size == 0 or (rows.max() <= _I32.max and rows.min() >= _I32.min)
+                w.slot_ticks = ticks
+                w.rows = rows.astype(np.int32) if fits else rows
+            return w
         if doc[3]:
             cap = max(1, min(w.window, _RING_START))
             while cap < min(w.window, len(doc[3])):
@@ -996,6 +1023,8 @@ class ModelMonitor:
     # ----------------------------------------------------------------- state
 
     def to_state(self) -> dict[str, Any]:
+        """The model's state; count windows contribute their ring arrays (not copies), so
+        serialise it with ``orjson.OPT_SERIALIZE_NUMPY`` before the next :meth:`apply`."""
         return {
             "versions": {v: vm.to_state() for v, vm in self.versions.items()},
             "model_level": self.model_level.to_state(),
@@ -1174,10 +1203,10 @@ class Detect:
         if state is None:
             return
         doc = orjson.loads(state)
-        if doc.get("schema") != STATE_SCHEMA or doc.get("kind") != "detect":
+        if doc.get("schema") not in READABLE_SCHEMAS or doc.get("kind") != "detect":
             raise ValueError(
-                f"state: expected detect schema {STATE_SCHEMA}, got {doc.get('kind')!r} "
-                f"schema {doc.get('schema')!r}"
+                f"state: expected detect schema {sorted(READABLE_SCHEMAS)}, got "
+                f"{doc.get('kind')!r} schema {doc.get('schema')!r}"
             )
         self.next_offset = dict(doc["next_offset"])
         self.models = {}

@@ -1,8 +1,9 @@
 """Compact in-memory layouts of stages 1 and 2 (issue 6): same outputs, exact state round trips.
 
 * stage 2 count windows (PSI, data quality, latency) are one ring buffer per window
-  (:class:`stream.detect.CountWindow`) with :class:`stream.detect.TickWindow`'s contract and
-  state layout;
+  (:class:`stream.detect.CountWindow`) with :class:`stream.detect.TickWindow`'s contract; its
+  state is the ring's arrays (serialised without a Python object per count), and it still
+  loads the older ``[[tick, row], ...]`` layout;
 * a summaries batch is decoded one summary at a time;
 * findings carry a compact :class:`stream.policy.Detail`; PSI engines are shared by models
   with the same spec; the signal policy's state round-trips to the same bytes;
@@ -39,6 +40,20 @@ adds = st.lists(
 )
 
 
+def _saved(w: CountWindow) -> Any:
+    """``w``'s state through JSON, as a checkpoint would store it."""
+    return orjson.loads(orjson.dumps(w.to_state(), option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _pairs(w: CountWindow) -> list[list[Any]]:
+    """The live ``[tick, row as floats]`` pairs in tick order (TickWindow's state content)."""
+    if w.newest is None:
+        return []
+    ticks = w.slot_ticks.tolist()
+    live = sorted((t, s) for s, t in enumerate(ticks) if t > w.newest - w.window)
+    return [[t, w.rows[s].astype(np.float64).tolist()] for t, s in live]
+
+
 @settings(max_examples=300)
 @given(window=st.integers(1, 64), steps=adds, start=st.integers(0, 2**40))
 def test_count_window_matches_tick_window(
@@ -53,10 +68,14 @@ def test_count_window_matches_tick_window(
         assert new.start_tick == old.start_tick
         assert new.total().dtype == np.int64
         assert new.total().tolist() == np.rint(old.total()).astype(np.int64).tolist()
-        assert orjson.dumps(new.to_state()) == orjson.dumps(old.to_state())
-        if k % 7 == 3:  # restore either way mid-stream and go on from there
+        assert _pairs(new) == old.to_state()[3]
+        if k % 7 == 3:  # restore from the old layout mid-stream and go on from there
             new = CountWindow.from_state(old.to_state())
-            old = TickWindow.from_state(orjson.loads(orjson.dumps(new.to_state())))
+            old = TickWindow.from_state([3, window, new.newest, _pairs(new)])
+        elif k % 7 == 5:  # ... or from its own saved state, which it saves again unchanged
+            saved = _saved(new)
+            new = CountWindow.from_state(saved)
+            assert _saved(new) == saved
     assert new.rows.shape[0] <= window
 
 
@@ -66,8 +85,12 @@ def test_count_window_widens_to_int64_before_a_count_overflows_int32() -> None:
     for t, vec in [(1, [big, 1]), (2, [5, 5]), (1, [20, 0]), (3, [big, big]), (9, [1, 2])]:
         assert new.add(t, vec) == old.add(t, vec)
         assert new.total().tolist() == np.rint(old.total()).astype(np.int64).tolist()
-        assert new.to_state() == old.to_state()
+        assert _pairs(new) == old.to_state()[3]
+        back = CountWindow.from_state(_saved(new))  # int64 again while a big count is live
+        assert back.total().tolist() == new.total().tolist()
+        assert _pairs(back) == _pairs(new)
     assert new.rows.dtype == np.int64
+    assert back.rows.dtype == np.int32  # the big counts left the window before the last save
     assert CountWindow(2, 5).rows.dtype == np.int32  # counts of a tick fit int32 normally
     back = CountWindow.from_state([2, 5, 3, [[1, [float(2**40), 1.0]]]])
     assert back.rows.dtype == np.int64 and back.total().tolist() == [2**40, 1]
@@ -89,8 +112,26 @@ def test_count_window_grows_only_when_ticks_collide() -> None:
 
 def test_count_window_empty_state_round_trip() -> None:
     w = CountWindow(4, 10)
-    assert w.to_state() == [4, 10, None, []] == TickWindow(4, 10).to_state()
-    assert CountWindow.from_state(w.to_state()).total().tolist() == [0, 0, 0, 0]
+    assert TickWindow(4, 10).to_state() == [4, 10, None, []]
+    for state in (_saved(w), [4, 10, None, []]):
+        back = CountWindow.from_state(state)
+        assert back.total().tolist() == [0, 0, 0, 0] and back.newest is None
+        assert back.add(5, [1, 2, 3, 4]) and back.total().tolist() == [1, 2, 3, 4]
+
+
+def test_count_window_saved_state_drops_expired_slots_and_keeps_the_ring() -> None:
+    w = CountWindow(2, 6)
+    for t in (1, 2, 3, 4, 9):  # a ring of 4 slots; 9 reuses tick 1's slot, 2 and 3 expire
+        w.add(t, [t, 1])
+    saved = _saved(w)
+    assert len(saved) == 5 and saved[:3] == [2, 6, 9]
+    assert sorted(saved[3]) == [-(2**63), -(2**63), 4, 9]  # ticks 2 and 3 cleared
+    assert sorted(saved[4]) == [[0, 0], [0, 0], [4, 1], [9, 1]]
+    back = CountWindow.from_state(saved)
+    assert back.total().tolist() == w.total().tolist() == [13, 2]
+    assert back.rows.shape == w.rows.shape == (4, 2) and back.rows.dtype == np.int32
+    assert [back.add(t, [1, 1]) for t in (3, 5)] == [False, True]
+    assert back.total().tolist() == [14, 3]
 
 
 # --------------------------------------------------------------------------- Detail / policy
@@ -254,6 +295,37 @@ def test_stage2_any_batching_and_restores_give_the_same_bytes(pipeline: dict[str
     out = det.process(docs)
     assert [tuple(m) for m in out.messages] == whole[0]
     assert det.snapshot().replace(b"", b"") != b"" and out.applied == whole[5]
+
+
+def _as_schema_1(state: bytes) -> bytes:
+    """A stage-2 snapshot as a schema-1 worker wrote it: count windows as [[tick, row]]."""
+    doc = orjson.loads(state)
+    doc["schema"] = 1
+    for mon in doc["models"].values():
+        for vm in [*mon["versions"].values(), mon["model_level"]]:
+            for key, ws in vm["windows"].items():
+                if len(ws) == 5:
+                    w = CountWindow.from_state(ws)
+                    vm["windows"][key] = [ws[0], ws[1], ws[2], _pairs(w)]
+    return orjson.dumps(doc)
+
+
+def test_stage2_loads_schema_1_state_and_goes_on_the_same(pipeline: dict[str, Any]) -> None:
+    cfg, plans, summaries = pipeline["cfg"], pipeline["plans"], pipeline["summaries"]
+    vals = list(enumerate(summaries))
+    half = len(vals) // 2
+    ref = Detect(cfg, plans, 0)
+    _detect_outputs(ref, vals[:half])
+    state = ref.snapshot()
+    old = _as_schema_1(state)
+    assert b'"schema":1' in old and old != state
+    det = Detect(cfg, plans, 0)
+    det.restore(old)
+    assert det.snapshot() == state  # migrated on load: the next checkpoint is schema 2
+    assert _detect_outputs(det, vals[half:]) == _detect_outputs(ref, vals[half:])
+    assert det.snapshot() == ref.snapshot()
+    with pytest.raises(ValueError, match=r"expected detect schema \[1, 2\], got 'detect' schema 3"):
+        Detect(cfg, plans, 0).restore(state.replace(b'"schema":2', b'"schema":3', 1))
 
 
 def test_windows_load_as_the_right_class_and_psi_engines_are_shared(
