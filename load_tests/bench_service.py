@@ -9,6 +9,7 @@ on fresh topics and a fresh consumer group / Redis prefix per run. Kafka and Red
     python -m load_tests.bench_service latency    # -> results/latency.{json,md}
     python -m load_tests.bench_service scaleout   # -> results/scaleout.{json,md}
     python -m load_tests.bench_service batching   # -> results/batching.{json,md}
+    python -m load_tests.bench_service memory     # -> results/memory.{json,md}
 
 Progress is read from the workers' durable checkpoints (the ``…:{ingest:<p>}:offsets`` keys
 in Redis, polled every 20 ms), never from the workers themselves, so measuring costs them
@@ -46,6 +47,13 @@ the workers, Kafka and Redis, and the projection for N workers.
 **batching**: ``DRIFTLINE_FETCH_PARTITION_BYTES`` variants of one worker on the same
 workload, interleaved (``records-1MiB`` = the previous default, 1 MiB per partition per
 fetch); events/s and the worker's CPU seconds per 100k events.
+
+**memory**: one worker process (both stages) monitoring ``--models`` (default 1,000) ×
+``--features`` (default 20) streams is fed ``--events`` events spread over ``--span-s``
+(default 150) s of event time, so every detector window (60 ticks in the example config)
+fills; the run ends once stage 2 has checkpointed every summary. The worker's ``VmRSS``
+when ready, its ``VmRSS`` after the data, its peak (``VmHWM``: checkpoints included), and
+the checkpointed stage-2 state per stream in Redis (``STRLEN``, ``MEMORY USAGE``).
 """
 
 from __future__ import annotations
@@ -1492,11 +1500,187 @@ def md_batching(res: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def proc_status_mb(pid: int) -> dict[str, float]:
+    """``VmRSS`` and ``VmHWM`` (peak) of a process, in MB (empty when unreadable)."""
+    out: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = round(int(rest.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+class HighWatermarks:
+    """High watermarks of a topic's partitions through one confluent-kafka consumer."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        from confluent_kafka import Consumer
+
+        self.topic, self.partitions = topic, partitions
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("bench-hw")})
+
+    def get(self) -> list[int]:
+        from confluent_kafka import TopicPartition
+
+        return [
+            int(self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1])
+            for p in range(self.partitions)
+        ]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
+    """See the module doc (**memory**)."""
+    import redis
+
+    from load_tests.common import create_topics
+
+    span = a.span_s
+    gcfg = GenConfig(
+        n_events=a.events,
+        seed=5,
+        models=a.models,
+        versions=1,
+        n_features=a.features,
+        rate=a.events / span,
+        start=time.time() - span - 5.0,
+        label_fraction=0.0,
+    )
+    msgs = messages(generate(gcfg), events_per_message=SDK_BATCH_EVENTS, partitions=a.partitions)
+    print(f"memory: {a.models} models x {a.features} features, {a.events:,} events", flush=True)
+    with (
+        services(kafka=True, redis=True) as svc,
+        tempfile.TemporaryDirectory(prefix="dl-svc-") as tmp,
+    ):
+        kafka, redis_url = svc.kafka_bootstrap, svc.redis_url
+        assert kafka and redis_url
+        work = Path(tmp)
+        cfg = work / "monitors.json"
+        write_monitors(cfg, a.models, a.features, a.label_horizon)
+        topic = unique("svc-pred")
+        create_topics(kafka, [topic], a.partitions)
+        topics = create_topic_set(kafka, "svc", a.partitions, predictions=topic)
+        dep = Deployment(kafka, redis_url, topics, cfg, work)
+        client = redis.Redis.from_url(redis_url)
+        w = dep.spawn("mem")
+        hw = HighWatermarks(kafka, topics.summaries, a.partitions)
+        try:
+            wait_ready([w])
+            wait_assignment([w], a.partitions)
+            time.sleep(2.0)
+            ready = proc_status_mb(w.popen.pid)
+            t0 = time.perf_counter()
+            prod = produce(kafka, msgs, {"prediction": topic})
+            end = [sum(1 for m in msgs if m.partition == p) for p in range(a.partitions)]
+            det_keys = [f"{dep.redis_prefix}:{{detect:{p}}}:offsets" for p in range(a.partitions)]
+            deadline = time.monotonic() + a.timeout
+            peak_seen = 0.0
+            settled = 0
+            last_progress = 0.0
+            while True:
+                if not w.alive():
+                    raise RuntimeError(f"worker exited:\n{w.tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"stage 2 not caught up after {a.timeout} s")
+                peak_seen = max(peak_seen, proc_status_mb(w.popen.pid).get("VmRSS", 0.0))
+                ing = dep.offsets(client, a.partitions)
+                det = [
+                    int(orjson.loads(raw).get(topics.summaries, 0)) if raw else 0
+                    for raw in client.mget(det_keys)
+                ]
+                high = hw.get()
+                done = all(o >= e for o, e in zip(ing, end, strict=True)) and det == high
+                settled = settled + 1 if done else 0
+                if settled >= 3:  # idle flushes may still emit the last ticks: wait for quiet
+                    break
+                if time.monotonic() - last_progress > 10:
+                    last_progress = time.monotonic()
+                    print(
+                        f"  {time.perf_counter() - t0:6.1f}s ingest {sum(ing)}/{sum(end)} "
+                        f"messages, detect {sum(det)}/{sum(high)} summaries, "
+                        f"RSS {peak_seen:.0f} MB peak seen",
+                        flush=True,
+                    )
+                time.sleep(1.0)
+            seconds = time.perf_counter() - t0
+            after = proc_status_mb(w.popen.pid)
+            state_keys = [f"{dep.redis_prefix}:{{detect:{p}}}:state" for p in range(a.partitions)]
+            strlen = sum(int(client.strlen(k)) for k in state_keys)
+            usage = sum(int(client.memory_usage(k) or 0) for k in state_keys)
+            streams = a.models * a.features
+            status, metrics = w.http("/metrics")
+            return {
+                "models": a.models,
+                "features": a.features,
+                "monitored_streams": streams,
+                "events": a.events,
+                "event_time_span_s": span,
+                "partitions": a.partitions,
+                "summaries": sum(high),
+                "produce": prod,
+                "seconds_to_all_checkpointed": round(seconds, 1),
+                "rss_mb_ready": ready.get("VmRSS"),
+                "rss_mb_after": after.get("VmRSS"),
+                "rss_mb_peak": after.get("VmHWM"),
+                "rss_mb_peak_sampled": peak_seen,
+                "detect_state_bytes": strlen,
+                "detect_state_bytes_per_stream": round(strlen / streams, 1),
+                "redis_memory_usage_per_stream": round(usage / streams, 1),
+                "stale_records_dropped": sum(
+                    float(line.split()[-1])
+                    for line in metrics.splitlines()
+                    if line.startswith("driftline_stale") and status == 200
+                ),
+            }
+        finally:
+            hw.close()
+            rc = w.stop(timeout=120.0)  # a stage-2 batch of 1,000 models can take a while
+            if rc not in (0, None):
+                print(f"worker exit code {rc}:\n{w.tail(1500)}", file=sys.stderr)
+            dep.cleanup(client)
+            # each name once: a duplicate in one DeleteTopics request crashed the process
+            # (SIGSEGV in librdkafka's rd_kafka_topic_result_error_string)
+            names = {getattr(topics, k) for k in Topics.__dataclass_fields__}
+            delete_topics(kafka, sorted(names | {topic}))
+
+
+def md_memory(res: Mapping[str, Any]) -> str:
+    lines = [
+        "# Worker memory (load_tests/bench_service.py memory)",
+        "",
+        f"One worker process (both stages), {res['models']:,} models × {res['features']} "
+        f"features = {res['monitored_streams']:,} streams, {res['events']:,} events over "
+        f"{res['event_time_span_s']:g} s of event time ({res['summaries']:,} summaries), "
+        f"{res['partitions']} partitions.",
+        "",
+        "| worker RSS when ready | after the data | peak (VmHWM) | stage-2 state per stream "
+        "| Redis MEMORY USAGE per stream |",
+        "|---|---|---|---|---|",
+        f"| {res['rss_mb_ready']} MB | **{res['rss_mb_after']} MB** | {res['rss_mb_peak']} MB "
+        f"| {res['detect_state_bytes_per_stream']:,} B "
+        f"| {res['redis_memory_usage_per_stream']:,} B |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("latency", "scaleout", "batching"))
+    ap.add_argument("mode", choices=("latency", "scaleout", "batching", "memory"))
     ap.add_argument("--events", type=int, default=None, help="events per throughput run")
-    ap.add_argument("--models", type=int, default=60)
+    ap.add_argument("--models", type=int, default=None, help="default 60; memory: 1,000")
+    ap.add_argument("--features", type=int, default=20, help="memory: features per model")
+    ap.add_argument("--span-s", type=float, default=150.0, help="memory: event-time span")
+    ap.add_argument("--timeout", type=float, default=900.0, help="memory: run limit (s)")
     ap.add_argument("--partitions", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
@@ -1545,13 +1729,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.partitions is None:
         a.partitions = 4 if a.mode == "scaleout" else 2
     if a.events is None:
-        a.events = {"latency": 300_000, "scaleout": 600_000, "batching": 300_000}[a.mode]
+        a.events = {"latency": 300_000, "scaleout": 600_000, "batching": 300_000}.get(
+            a.mode, 300_000
+        )
+    if a.models is None:
+        a.models = 1000 if a.mode == "memory" else 60
     for v in a.variants:
         try:
             batch_env(v)
         except ValueError as err:
             ap.error(f"--variants: {err}")
-    md_of = {"latency": md_latency, "scaleout": md_scaleout, "batching": md_batching}
+    md_of = {
+        "latency": md_latency,
+        "scaleout": md_scaleout,
+        "batching": md_batching,
+        "memory": md_memory,
+    }
     if a.from_json is not None:
         doc = orjson.loads(a.from_json.read_bytes())
         summ = {"scaleout": summarize_scaleout, "batching": summarize_batching}.get(a.mode)
@@ -1565,7 +1758,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     machine = machine_info()
     t0 = time.perf_counter()
-    fn = {"latency": mode_latency, "scaleout": mode_scaleout, "batching": mode_batching}[a.mode]
+    fn = {
+        "latency": mode_latency,
+        "scaleout": mode_scaleout,
+        "batching": mode_batching,
+        "memory": mode_memory,
+    }[a.mode]
     res = fn(a)
     with contextlib.suppress(OSError):
         machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
