@@ -29,6 +29,24 @@ def test_config_hash_changes_with_content() -> None:
     assert a.config_hash != b.config_hash and a.config_hash == a2.config_hash
 
 
+def test_a_json_document_is_read_as_json_and_yaml_flow_style_still_works() -> None:
+    yaml_text = "models:\n  m:\n    features:\n      x: {type: numeric, range: [0, 1]}\n"
+    json_text = ' \n{"models": {"m": {"features": {"x": {"type": "numeric", "range": [0, 1]}}}}}'
+    flow = "{models: {m: {features: {x: {type: numeric, range: [0, 1]}}}}}  # not JSON"
+    hashes = {load_config_text(t).config_hash for t in (yaml_text, json_text, flow)}
+    assert len(hashes) == 1
+    # JSON's number grammar, not YAML 1.1's: 1e6 is a number here (YAML reads a string)
+    arl = '{"models": {"m": {"features": {"x": {"type": "numeric"}}, "detectors": '
+    cfg = load_config_text(arl + '{"cusum_arl0": 1e6}}}}')
+    assert cfg.models["m"].detectors.cusum_arl0 == 1e6
+    with pytest.raises(ConfigError, match="cusum_arl0"):
+        load_config_text(
+            "models: {m: {features: {x: {type: numeric}}, detectors: {cusum_arl0: 1e6}}}"
+        )
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config_text('{"models": ')
+
+
 M = "models: {fraud: {features: {a: {type: numeric}}, "  # a valid model, more keys follow
 E = "monitors.yaml: models.fraud."
 KS = M + "kill_switch: [{name: k, when: "
