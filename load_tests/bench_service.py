@@ -1569,7 +1569,8 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
         topic = unique("svc-pred")
         create_topics(kafka, [topic], a.partitions)
         topics = create_topic_set(kafka, "svc", a.partitions, predictions=topic)
-        dep = Deployment(kafka, redis_url, topics, cfg, work)
+        extra = {"DRIFTLINE_BATCH_SIZE": str(a.batch_size)} if a.batch_size else {}
+        dep = Deployment(kafka, redis_url, topics, cfg, work, extra_env=extra)
         client = redis.Redis.from_url(redis_url)
         w = dep.spawn("mem")
         hw = HighWatermarks(kafka, topics.summaries, a.partitions)
@@ -1625,6 +1626,7 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                 "events": a.events,
                 "event_time_span_s": span,
                 "partitions": a.partitions,
+                "batch_size_records": a.batch_size or "default",
                 "summaries": sum(high),
                 "produce": prod,
                 "seconds_to_all_checkpointed": round(seconds, 1),
@@ -1660,7 +1662,7 @@ def md_memory(res: Mapping[str, Any]) -> str:
         f"One worker process (both stages), {res['models']:,} models × {res['features']} "
         f"features = {res['monitored_streams']:,} streams, {res['events']:,} events over "
         f"{res['event_time_span_s']:g} s of event time ({res['summaries']:,} summaries), "
-        f"{res['partitions']} partitions.",
+        f"{res['partitions']} partitions, `DRIFTLINE_BATCH_SIZE` {res['batch_size_records']}.",
         "",
         "| worker RSS when ready | after the data | peak (VmHWM) | stage-2 state per stream "
         "| Redis MEMORY USAGE per stream |",
@@ -1681,6 +1683,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", type=int, default=20, help="memory: features per model")
     ap.add_argument("--span-s", type=float, default=150.0, help="memory: event-time span")
     ap.add_argument("--timeout", type=float, default=900.0, help="memory: run limit (s)")
+    ap.add_argument(
+        "--batch-size", type=int, default=0, help="memory: DRIFTLINE_BATCH_SIZE (0: default)"
+    )
     ap.add_argument("--partitions", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
