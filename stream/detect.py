@@ -264,12 +264,15 @@ class CountWindow:
         Serialise it (``orjson.OPT_SERIALIZE_NUMPY``) before the next :meth:`add`. Slots of
         expired ticks are cleared first (in place: they are dead data), so a window restored
         from this state saves the same bytes again."""
-        if self.newest is not None:
-            dead = self.slot_ticks <= self.newest - self.window
-            if dead.any():
-                self.slot_ticks[dead] = _NO_TICK
-                self.rows[dead] = 0
+        self._clear_dead()
         return [self.width, self.window, self.newest, self.slot_ticks, self.rows]
+
+    def _clear_dead(self) -> None:
+        """Empty the slots that hold no tick of the window (expired or never used)."""
+        dead = ~self._live()
+        if dead.any():
+            self.slot_ticks[dead] = _NO_TICK
+            self.rows[dead] = 0
 
     @classmethod
     def from_state(cls, doc: Sequence[Any]) -> CountWindow:
@@ -278,15 +281,13 @@ class CountWindow:
         w = cls(int(doc[0]), int(doc[1]))
         w.newest = None if doc[2] is None else int(doc[2])
         if len(doc) == 5:
-            ticks = np.asarray(doc[3], np.int64).reshape(-1)
-            rows = np.asarray(doc[4], np.int64).reshape(ticks.shape[0], w.width)
-            if w.newest is not None and ticks.shape[0]:
-                live = ticks > w.newest - w.window
-                ticks = np.where(live, ticks, _NO_TICK)
-                rows[~live] = 0
-                fits = rows.size == 0 or (rows.max() <= _I32.max and rows.min() >= _I32.min)
-                w.slot_ticks = ticks
-                w.rows = rows.astype(np.int32) if fits else rows
+            if w.newest is not None and len(doc[3]):
+                w.slot_ticks = np.array(doc[3], np.int64).reshape(-1)  # copies: never aliases
+                w.rows = np.array(doc[4], np.int64).reshape(w.slot_ticks.shape[0], w.width)
+                w._clear_dead()
+                rows = w.rows
+                if rows.size == 0 or (rows.max() <= _I32.max and rows.min() >= _I32.min):
+                    w.rows = w.rows.astype(np.int32)
             return w
         if doc[3]:
             cap = max(1, min(w.window, _RING_START))
