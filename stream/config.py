@@ -511,7 +511,6 @@ def parse_config(doc: object, source: str, base_dir: Path | None = None) -> Moni
 
 
 _SAFE_LOADER: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_UNPARSED: Final = object()
 
 
 def load_config_text(
@@ -525,17 +524,17 @@ def load_config_text(
     has it) ~6 s and ~400 MB; orjson 0.05 s. So a document starting with ``{`` is
     parsed as JSON first, and YAML (libyaml, else Python) parses everything else and any
     JSON that orjson refuses."""
-    doc: Any = _UNPARSED
     if text.lstrip().startswith("{"):
         try:
             doc = orjson.loads(text)
         except orjson.JSONDecodeError:
-            doc = _UNPARSED  # YAML flow style, comments, ...: YAML decides
-    if doc is _UNPARSED:
-        try:
-            doc = yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+            pass  # YAML flow style, comments, ...: YAML decides
+        else:
+            return parse_config(doc, source, base_dir)
+    try:
+        doc = yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
     return parse_config(doc, source, base_dir)
 
 
