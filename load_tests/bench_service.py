@@ -87,6 +87,7 @@ from load_tests.common import (
     delete_topics,
     machine_info,
     md_table,
+    proc_status_kb,
     ratio,
     services,
     summarize_runs,
@@ -382,13 +383,15 @@ class Deployment:
         )
         return WorkerProc(name, popen, port, log)
 
-    def offsets(self, client: Any, partitions: int) -> list[int]:
-        """Next offset of the predictions topic per partition, from the ingest checkpoints."""
-        keys = [f"{self.redis_prefix}:{{ingest:{p}}}:offsets" for p in range(partitions)]
+    def offsets(self, client: Any, partitions: int, stage: str = "ingest") -> list[int]:
+        """Next offset of the stage's input topic per partition, from its checkpoints
+        (predictions for ingest, summaries for detect)."""
+        topic = self.topics.predictions if stage == "ingest" else self.topics.summaries
+        keys = [f"{self.redis_prefix}:{{{stage}:{p}}}:offsets" for p in range(partitions)]
         out = []
         for raw in client.mget(keys):
             doc = orjson.loads(raw) if raw else {}
-            out.append(int(doc.get(self.topics.predictions, 0)))
+            out.append(int(doc.get(topic, 0)))
         return out
 
     def generations(self, client: Any, partitions: int) -> list[int]:
@@ -1504,17 +1507,8 @@ def md_batching(res: Mapping[str, Any]) -> str:
 
 
 def proc_status_mb(pid: int) -> dict[str, float]:
-    """``VmRSS`` and ``VmHWM`` (peak) of a process, in MB (empty when unreadable)."""
-    out: dict[str, float] = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = round(int(rest.split()[0]) / 1024, 1)
-    except OSError:
-        pass
-    return out
+    """``VmRSS`` and ``VmHWM`` (peak) of a process, in MB."""
+    return {k: round(proc_status_kb(k, pid) / 1024, 1) for k in ("VmRSS", "VmHWM")}
 
 
 class HighWatermarks:
@@ -1582,7 +1576,6 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             prod = produce(kafka, msgs, {"prediction": topic})
             end = [sum(1 for m in msgs if m.partition == p) for p in range(a.partitions)]
-            det_keys = [f"{dep.redis_prefix}:{{detect:{p}}}:offsets" for p in range(a.partitions)]
             deadline = time.monotonic() + a.timeout
             peak_seen = 0.0
             settled = 0
@@ -1594,10 +1587,7 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                     raise TimeoutError(f"stage 2 not caught up after {a.timeout} s")
                 peak_seen = max(peak_seen, proc_status_mb(w.popen.pid).get("VmRSS", 0.0))
                 ing = dep.offsets(client, a.partitions)
-                det = [
-                    int(orjson.loads(raw).get(topics.summaries, 0)) if raw else 0
-                    for raw in client.mget(det_keys)
-                ]
+                det = dep.offsets(client, a.partitions, "detect")
                 high = hw.get()
                 done = all(o >= e for o, e in zip(ing, end, strict=True)) and det == high
                 settled = settled + 1 if done else 0
@@ -1618,7 +1608,6 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
             strlen = sum(int(client.strlen(k)) for k in state_keys)
             usage = sum(int(client.memory_usage(k) or 0) for k in state_keys)
             streams = a.models * a.features
-            status, metrics = w.http("/metrics")
             return {
                 "models": a.models,
                 "features": a.features,
@@ -1637,11 +1626,6 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                 "detect_state_bytes": strlen,
                 "detect_state_bytes_per_stream": round(strlen / streams, 1),
                 "redis_memory_usage_per_stream": round(usage / streams, 1),
-                "stale_records_dropped": sum(
-                    float(line.split()[-1])
-                    for line in metrics.splitlines()
-                    if line.startswith("driftline_stale") and status == 200
-                ),
             }
         finally:
             hw.close()
@@ -1649,10 +1633,8 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
             if rc not in (0, None):
                 print(f"worker exit code {rc}:\n{w.tail(1500)}", file=sys.stderr)
             dep.cleanup(client)
-            # each name once: a duplicate in one DeleteTopics request crashed the process
-            # (SIGSEGV in librdkafka's rd_kafka_topic_result_error_string)
-            names = {getattr(topics, k) for k in Topics.__dataclass_fields__}
-            delete_topics(kafka, sorted(names | {topic}))
+            names = [getattr(topics, k) for k in Topics.__dataclass_fields__]
+            delete_topics(kafka, [topic, *names])
 
 
 def md_memory(res: Mapping[str, Any]) -> str:

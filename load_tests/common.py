@@ -85,17 +85,18 @@ def write_results(name: str, doc: Mapping[str, Any], out: Path | None = None) ->
 
 def rss_bytes() -> int:
     """Current resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
-    return _proc_status_kb("VmRSS") * 1024
+    return proc_status_kb("VmRSS") * 1024
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
-    return _proc_status_kb("VmHWM") * 1024
+    return proc_status_kb("VmHWM") * 1024
 
 
-def _proc_status_kb(key: str) -> int:
+def proc_status_kb(key: str, pid: int | str = "self") -> int:
+    """A ``/proc/<pid>/status`` field in kB (``VmRSS``, ``VmHWM``, ...); 0 when unreadable."""
     try:
-        with open("/proc/self/status", encoding="ascii") as fh:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
@@ -235,13 +236,15 @@ def create_topics(
 
 
 def delete_topics(bootstrap: str, names: Sequence[str], timeout: float = 30.0) -> None:
-    """Delete topics (best effort)."""
+    """Delete topics (best effort), each name once: a name twice in one DeleteTopics request
+    crashed the process (SIGSEGV in librdkafka's ``rd_kafka_topic_result_error_string``)."""
     from confluent_kafka.admin import AdminClient
 
-    if not names:
+    unique_names = sorted(set(names))
+    if not unique_names:
         return
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for f in admin.delete_topics(list(names), operation_timeout=timeout).values():
+    for f in admin.delete_topics(unique_names, operation_timeout=timeout).values():
         with contextlib.suppress(Exception):
             f.result(timeout=timeout)
 
