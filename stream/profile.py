@@ -87,7 +87,6 @@ class Profile:
     labels: CategoricalRef | None
     positive_rate: float | None
     error_rate: float | None
-    doc: Mapping[str, Any]
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Profile:
@@ -116,7 +115,6 @@ class Profile:
                 labels=labels,
                 positive_rate=doc.get("positive_rate"),
                 error_rate=doc.get("error_rate"),
-                doc=doc,
             )
         except (KeyError, TypeError) as err:
             raise ProfileError(f"profile: missing or malformed field {err}") from None
@@ -167,7 +165,7 @@ def load_profile(path: str | Path) -> Profile:
 def profile_for(model: ModelConfig) -> Profile | None:
     """The model's reference profile (path or inline), or None when it has none."""
     if model.reference_inline is not None:
-        return Profile.from_dict(model.reference_inline)
+        return Profile.from_dict(orjson.loads(model.reference_inline))
     if model.reference_path is not None:
         return load_profile(model.reference_path)
     return None
