@@ -1189,16 +1189,26 @@ class Detect:
         return out
 
     def snapshot(self) -> bytes:
-        return orjson.dumps(
+        """The partition's state as JSON: one model's state is encoded at a time and the
+        pieces joined (the same bytes as one ``orjson.dumps`` of the whole document, without
+        holding the whole document as Python objects)."""
+        head = orjson.dumps(
             {
                 "schema": STATE_SCHEMA,
                 "kind": "detect",
                 "partition": self.partition,
                 "next_offset": self.next_offset,
-                "models": {m: mon.to_state() for m, mon in sorted(self.models.items())},
-            },
-            option=orjson.OPT_SERIALIZE_NUMPY,
+            }
         )
+        parts = [head[:-1], b',"models":{']
+        for i, (m, mon) in enumerate(sorted(self.models.items())):
+            if i:
+                parts.append(b",")
+            parts.append(orjson.dumps(m))
+            parts.append(b":")
+            parts.append(orjson.dumps(mon.to_state(), option=orjson.OPT_SERIALIZE_NUMPY))
+        parts.append(b"}}")
+        return b"".join(parts)
 
     def restore(self, state: bytes | None) -> None:
         if state is None:

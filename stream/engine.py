@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, is_, not_
@@ -116,6 +116,16 @@ class IngestOutput:
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     summaries: int = 0
+
+
+def _json_array_into(parts: list[bytes], items: Iterable[bytes]) -> None:
+    """Append a JSON array of already-encoded JSON values to ``parts`` (to be joined)."""
+    parts.append(b"[")
+    for i, item in enumerate(items):
+        if i:
+            parts.append(b",")
+        parts.append(item)
+    parts.append(b"]")
 
 
 def tune_gc(gen0: int = 50_000) -> None:
@@ -445,8 +455,13 @@ class Ingest:
     # ----------------------------------------------------------------- state
 
     def snapshot(self) -> bytes:
-        """Versioned JSON state (no pickle): watermark, sequence, held ticks, offsets."""
-        return orjson.dumps(
+        """Versioned JSON state (no pickle): watermark, sequence, held ticks, offsets.
+
+        Each held tick is encoded on its own and the pieces joined: the same bytes as one
+        ``orjson.dumps`` of the whole document, without building the whole document as
+        Python objects first (at 1,000 models x 20 features a backlog batch holds ~15k
+        ticks: ~80 MB of JSON, whose document peaked at ~700 MB of objects)."""
+        head = orjson.dumps(
             {
                 "schema": STATE_SCHEMA,
                 "kind": "ingest",
@@ -455,10 +470,16 @@ class Ingest:
                 "watermark": None if self.watermark == -math.inf else self.watermark,
                 "seq": self.seq,
                 "next_offset": self.next_offset,
-                "open": [[t, m, a.to_doc()] for (t, m), a in sorted(self.open.items())],
-                "pending": [[t, m, a.to_doc()] for (t, m), a in sorted(self.pending.items())],
             }
         )
+        parts = [head[:-1]]
+        for key, held in ((b',"open":', self.open), (b',"pending":', self.pending)):
+            parts.append(key)
+            _json_array_into(
+                parts, (orjson.dumps([t, m, a.to_doc()]) for (t, m), a in sorted(held.items()))
+            )
+        parts.append(b"}")
+        return b"".join(parts)  # one copy: the pieces and the result are all that is held
 
     def restore(self, state: bytes | None, inbox: JoinResult | None = None) -> None:
         """Load a :meth:`snapshot` (None = fresh) and fold the claim's inbox."""
