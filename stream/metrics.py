@@ -50,7 +50,7 @@ import numpy.typing as npt
 import orjson
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PCounter
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 
 from stream.config import ACTIONS, KINDS, SEVERITIES, MonitorConfig, Topics
@@ -369,6 +369,60 @@ def _fmt(x: float) -> str:
     return repr(float(x))
 
 
+DRIFT_FAMILIES: Final = (
+    "driftline_drift_statistic",
+    "driftline_drift_threshold",
+    "driftline_drift_window_events",
+)
+
+
+class _DriftGauges:
+    """The three drift gauge families, one entry per signal (the label set they share).
+
+    prometheus_client's labelled :class:`~prometheus_client.Gauge` keeps a child object, a
+    lock and a value object per series: ~1 KB per series, ~3 KB per signal. At 1,000
+    models x 20 features a worker exports ~78k signals (234k series), which held ~250 MB
+    and over a million Python objects. Here a signal is one key and one list of three
+    floats. Thread-safe (scrapes may run on another thread).
+    """
+
+    def __init__(self, labelnames: tuple[str, ...]) -> None:
+        self.labelnames = labelnames
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], list[float]] = {}
+
+    def set(self, labels: tuple[str, ...], stat: float, thr: float, n: float) -> None:
+        with self._lock:
+            self._series[labels] = [float(stat), float(thr), float(n)]
+
+    def remove_where(self, pred: Callable[[tuple[str, ...]], bool]) -> None:
+        with self._lock:
+            for k in [k for k in self._series if pred(k)]:
+                del self._series[k]
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(name, FAMILIES[name][2], labels=self.labelnames)
+            for name in DRIFT_FAMILIES
+        ]
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        fams = self._families()
+        with self._lock:
+            items = sorted(self._series.items())
+        for labels, values in items:
+            key = list(labels)
+            for fam, v in zip(fams, values, strict=True):
+                fam.add_metric(key, v)
+        return fams
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -464,9 +518,8 @@ class Metrics:
         self.summaries_emitted = counter("driftline_summaries_emitted")
         self.summaries_consumed = counter("driftline_summaries_consumed")
         self.messages_published = counter("driftline_messages_published")
-        self.drift_statistic = gauge("driftline_drift_statistic")
-        self.drift_threshold = gauge("driftline_drift_threshold")
-        self.drift_window = gauge("driftline_drift_window_events")
+        self.drift = _DriftGauges(FAMILIES["driftline_drift_statistic"][1])
+        registry.register(self.drift)
         self.alerts = counter("driftline_alerts")
         self.killswitch_commands = counter("driftline_killswitch_commands")
         self.killswitch_active = gauge("driftline_killswitch_active")
@@ -572,6 +625,7 @@ class Metrics:
 
         self.score_hist.remove_where(match)
         self.latency_hist.remove_where(match)
+        self.drift.remove_where(match)
 
     def _versioned(self, metric: MetricWrapperBase, labels: tuple[str, ...]) -> Any:
         """``metric.labels(*labels)`` for a family whose first labels are model, version."""
@@ -755,9 +809,7 @@ class Metrics:
             self._set_drift(labels, f.statistic, f.threshold, f.n)
 
     def _set_drift(self, labels: tuple[str, ...], stat: float, thr: float, n: float) -> None:
-        self._versioned(self.drift_statistic, labels).set(float(stat))
-        self._versioned(self.drift_threshold, labels).set(float(thr))
-        self._versioned(self.drift_window, labels).set(float(n))
+        self.drift.set(labels, stat, thr, n)  # a dropped version's entries: _drop_version
 
     def observe_detector_state(self, detect: Any) -> None:
         """Set the gauges of the sequential detectors (CUSUM, Bernoulli CUSUM) from a
