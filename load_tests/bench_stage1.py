@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import gc
 import importlib
@@ -88,6 +87,7 @@ from load_tests.generator import (
 from stream.config import Topics
 from stream.engine import Ingest, compile_plans, tune_gc
 from stream.events import RawMessage
+from stream.heap import trim_heap
 from stream.store import MemoryStore, StateStore
 from stream.summary import ModelPlan
 
@@ -449,7 +449,7 @@ def memory_footprint(a: argparse.Namespace, redis_url: str | None) -> dict[str, 
             last[:] = [snap]
         else:
             trimmed[name + "_before_trim"] = round(rss_bytes() / 2**20, 1)
-            _malloc_trim()
+            trim_heap()  # RSS then shows what is live
             trimmed[name] = round(rss_bytes() / 2**20, 1)
 
     gcfg = memory_gen_config(a)
@@ -573,14 +573,6 @@ def read_messages(path: Path) -> list[Message]:
         out.append(Message(kind, 0, b"", value, value.count(b'"event_id"'), 0.0))
         i += 5 + n
     return out
-
-
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc), so RSS shows what is live."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _top_sites(snap: Any, prev: Any, top: int = 10) -> list[dict[str, Any]]:

@@ -102,6 +102,7 @@ from stream.config import MonitorConfig, ServiceSettings, Topics, load_config
 from stream.detect import Detect, DetectOutput
 from stream.engine import Ingest, IngestOutput, compile_plans, tune_gc
 from stream.events import RawMessage, Reject, deadletter_record
+from stream.heap import HeapTrimmer
 from stream.metrics import Metrics
 from stream.partitioner import murmur2_partition
 from stream.profile import Profile, profile_for
@@ -1521,6 +1522,7 @@ class Worker:
         self.registry = registry
         self.metrics = Metrics(config, registry, plans=self.plans, topics=self.topics)
         self._reporter: asyncio.Task[None] | None = None
+        self.heap = HeapTrimmer(settings.heap_trim_s)
         self.producer: AIOKafkaProducer | None = None
         self.publisher: Publisher
         self.stages: list[StageRunner] = []
@@ -1637,6 +1639,7 @@ class Worker:
                 raise
             except Exception:  # metrics must never stop the worker
                 log.exception("metrics report failed; continuing")
+            self.heap.maybe_trim()  # releases free pages only: safe whatever the stages hold
             await asyncio.sleep(self.opts.metrics_interval_s)
 
     async def _check_topics(self) -> None:
