@@ -356,7 +356,10 @@ class Deployment:
         t = self.topics
         return {
             **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
+            # the caller's PYTHONPATH stays behind the repo (e.g. a sitecustomize for tracing)
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
             "DRIFTLINE_KAFKA_BOOTSTRAP": self.bootstrap,
             "DRIFTLINE_REDIS_URL": self.redis_url,
             "DRIFTLINE_REDIS_PREFIX": self.redis_prefix,
@@ -1604,6 +1607,9 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(1.0)
             seconds = time.perf_counter() - t0
             after = proc_status_mb(w.popen.pid)
+            # the worker trims its heap every DRIFTLINE_HEAP_TRIM_S (10 s): idle past one
+            time.sleep(a.settle_s)
+            settled_rss = proc_status_mb(w.popen.pid)
             state_keys = [f"{dep.redis_prefix}:{{detect:{p}}}:state" for p in range(a.partitions)]
             strlen = sum(int(client.strlen(k)) for k in state_keys)
             usage = sum(int(client.memory_usage(k) or 0) for k in state_keys)
@@ -1621,6 +1627,8 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                 "seconds_to_all_checkpointed": round(seconds, 1),
                 "rss_mb_ready": ready.get("VmRSS"),
                 "rss_mb_after": after.get("VmRSS"),
+                "rss_mb_settled": settled_rss.get("VmRSS"),
+                "settle_s": a.settle_s,
                 "rss_mb_peak": after.get("VmHWM"),
                 "rss_mb_peak_sampled": peak_seen,
                 "detect_state_bytes": strlen,
@@ -1646,10 +1654,12 @@ def md_memory(res: Mapping[str, Any]) -> str:
         f"{res['event_time_span_s']:g} s of event time ({res['summaries']:,} summaries), "
         f"{res['partitions']} partitions, `DRIFTLINE_BATCH_SIZE` {res['batch_size_records']}.",
         "",
-        "| worker RSS when ready | after the data | peak (VmHWM) | stage-2 state per stream "
+        "| worker RSS when ready | when caught up | settled (idle "
+        f"{res.get('settle_s', 0):g} s) | peak (VmHWM) | stage-2 state per stream "
         "| Redis MEMORY USAGE per stream |",
-        "|---|---|---|---|---|",
-        f"| {res['rss_mb_ready']} MB | **{res['rss_mb_after']} MB** | {res['rss_mb_peak']} MB "
+        "|---|---|---|---|---|---|",
+        f"| {res['rss_mb_ready']} MB | {res['rss_mb_after']} MB "
+        f"| **{res.get('rss_mb_settled', '–')} MB** | {res['rss_mb_peak']} MB "
         f"| {res['detect_state_bytes_per_stream']:,} B "
         f"| {res['redis_memory_usage_per_stream']:,} B |",
         "",
@@ -1665,6 +1675,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", type=int, default=20, help="memory: features per model")
     ap.add_argument("--span-s", type=float, default=150.0, help="memory: event-time span")
     ap.add_argument("--timeout", type=float, default=900.0, help="memory: run limit (s)")
+    ap.add_argument(
+        "--settle-s", type=float, default=15.0, help="memory: idle time before the settled RSS"
+    )
     ap.add_argument(
         "--batch-size", type=int, default=0, help="memory: DRIFTLINE_BATCH_SIZE (0: default)"
     )
