@@ -1592,9 +1592,14 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                 ing = dep.offsets(client, a.partitions)
                 det = dep.offsets(client, a.partitions, "detect")
                 high = hw.get()
-                done = all(o >= e for o, e in zip(ing, end, strict=True)) and det == high
+                # high > 0: stage 1 publishes a commit's summaries after checkpointing it
+                done = (
+                    all(o >= e for o, e in zip(ing, end, strict=True))
+                    and sum(high) > 0
+                    and det == high
+                )
                 settled = settled + 1 if done else 0
-                if settled >= 3:  # idle flushes may still emit the last ticks: wait for quiet
+                if settled >= 5:  # idle flushes may still emit the last ticks: wait for quiet
                     break
                 if time.monotonic() - last_progress > 10:
                     last_progress = time.monotonic()

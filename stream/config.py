@@ -598,6 +598,10 @@ class ServiceSettings:
     hands freed heap pages back to the OS (:mod:`stream.heap`); without it a worker's RSS
     stays at its backlog peak (1,471 MB instead of ~600 MB at 1,000 models x 20 features).
 
+    ``max_summaries_per_commit`` (``DRIFTLINE_MAX_SUMMARIES_PER_COMMIT``, default 2,000):
+    stage 1 splits a batch into several commits when it would close more ticks than this
+    (a backlog of many models); see ``stream.worker.IngestRunner._learn_output_rate``.
+
     Secrets (SASL password, API token) are excluded from ``repr`` and from :meth:`redacted`,
     so logging the settings never leaks them.
     """
@@ -611,6 +615,7 @@ class ServiceSettings:
     batch_within_s: float = 0.2
     fetch_partition_bytes: int = 8 << 20
     heap_trim_s: float = 10.0
+    max_summaries_per_commit: int = 2_000
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -680,6 +685,9 @@ class ServiceSettings:
                 num("DRIFTLINE_FETCH_PARTITION_BYTES", 8 << 20, 1024, integer=True)
             ),
             heap_trim_s=num("DRIFTLINE_HEAP_TRIM_S", 10.0, 0.0),
+            max_summaries_per_commit=int(
+                num("DRIFTLINE_MAX_SUMMARIES_PER_COMMIT", 2_000, 1, integer=True)
+            ),
             security_protocol=proto or "PLAINTEXT",
             sasl_mechanism=mech,
             sasl_username=e.get("DRIFTLINE_KAFKA_SASL_USERNAME") or None,

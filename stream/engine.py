@@ -231,6 +231,7 @@ class Ingest:
         """Fold validated events (arrival order) into tick summaries; see the module doc."""
         out = IngestOutput(next_offset=dict(self.next_offset))
         out.messages.extend(self._emit_pending())
+        out.summaries = len(out.messages)
         n = len(events)
         if n:
             self._fold(events, out)
@@ -280,6 +281,7 @@ class Ingest:
             self.watermark = now
         self._close_ticks()
         out.messages.extend(self._emit_pending())
+        out.summaries = len(out.messages)
         return out
 
     # ----------------------------------------------------------------- internals

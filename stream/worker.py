@@ -1067,6 +1067,7 @@ class IngestRunner(StageRunner):
         self.engines: dict[int, Ingest] = {}
         self._base: dict[int, tuple[float, float]] = {}  # p -> (watermark, monotonic)
         self._last_idle = 0.0
+        self._chunk_bytes: dict[int, int] = {}  # p -> input bytes per commit (learnt)
 
     def _new_engine(self, p: int) -> Ingest:
         w = self.worker
@@ -1122,19 +1123,49 @@ class IngestRunner(StageRunner):
         if not by_p:
             return
         now = self.worker.clock()
-        outs = {}
-        for p, lists in by_p.items():
-            msgs = _arrival_order(lists)
-            eng = self.engines[p]
-            outs[p] = eng.process_raw(msgs, now)
-            self.stats.inc("events_accepted", outs[p].accepted)
-            self.stats.inc("events_rejected", sum(outs[p].rejected.values()))
-            self.stats.inc("messages_in", len(msgs))
-        await self._commit_publish(outs)
-        for p in outs:
-            eng = self.engines.get(p)
-            if eng is not None and eng.watermark != float("-inf"):
-                self._base[p] = (eng.watermark, time.monotonic())
+        todo = {p: (self.engines[p], _arrival_order(lists)) for p, lists in by_p.items()}
+        while todo:  # one commit per round; more rounds only when ticks pile up (see below)
+            outs = {}
+            for p, (eng, msgs) in list(todo.items()):
+                if self.engines.get(p) is not eng:
+                    # fenced or re-claimed by the last round: the rest is fetched again
+                    # from the restored checkpoint (or belongs to another worker now)
+                    del todo[p]
+                    continue
+                chunk, rest = _split_bytes(msgs, self._chunk_bytes.get(p, FIRST_CHUNK_BYTES))
+                outs[p] = out = eng.process_raw(chunk, now)
+                self._learn_output_rate(p, chunk)
+                if rest:
+                    todo[p] = (eng, rest)
+                else:
+                    del todo[p]
+                self.stats.inc("events_accepted", out.accepted)
+                self.stats.inc("events_rejected", sum(out.rejected.values()))
+                self.stats.inc("messages_in", len(chunk))
+            if outs:
+                await self._commit_publish(outs)
+            for p in outs:
+                eng = self.engines.get(p)
+                if eng is not None and eng.watermark != float("-inf"):
+                    self._base[p] = (eng.watermark, time.monotonic())
+
+    def _learn_output_rate(self, p: int, chunk: Sequence[RawMessage]) -> None:
+        """Size partition ``p``'s next commit so that it closes about
+        ``max_summaries_per_commit`` ticks.
+
+        A backlog batch spans many seconds of event time: with 1,000 models it closed ~15k
+        ticks into one commit (60 MB of summaries, an 80 MB snapshot of the held ticks) and
+        the worker peaked above 3 GB. The ticks this chunk closed per input byte set how
+        many bytes the next commit takes; with few models (or live traffic)
+        the limit is far above a batch and every batch stays one commit."""
+        limit = self.settings.max_summaries_per_commit
+        n_bytes = sum(len(m.value) for m in chunk)
+        closed = len(self.engines[p].pending)  # emitted by the next commit
+        if closed and n_bytes:
+            self._chunk_bytes[p] = max(MIN_CHUNK_BYTES, int(n_bytes * limit / closed))
+        elif n_bytes >= self._chunk_bytes.get(p, FIRST_CHUNK_BYTES):
+            # no tick closed in a full chunk: grow back
+            self._chunk_bytes[p] = min(2 * self._chunk_bytes.get(p, FIRST_CHUNK_BYTES), 1 << 30)
 
     async def _commit_publish(self, outs: Mapping[int, IngestOutput]) -> None:
         parts = list(outs)
@@ -1231,6 +1262,32 @@ class IngestRunner(StageRunner):
         if outs:
             self.stats.inc("idle_flushes", len(outs))
             await self._commit_publish(outs)
+
+
+MIN_CHUNK_BYTES: Final = 64 << 10
+"""The least input one stage-1 commit takes when the ticks it closes are limited."""
+FIRST_CHUNK_BYTES: Final = 4 << 20
+"""Input of a partition's first commit, before its rate of closed ticks is known."""
+
+
+def _split_bytes(
+    msgs: list[RawMessage], max_bytes: int
+) -> tuple[list[RawMessage], list[RawMessage]]:
+    """The longest head of ``msgs`` within ``max_bytes`` of values (at least one message),
+    and the rest.
+
+    >>> ms = [RawMessage("t", 0, i, b"x" * 10) for i in range(5)]
+    >>> [len(x) for x in _split_bytes(ms, 25)], [len(x) for x in _split_bytes(ms, 5)]
+    ([2, 3], [1, 4])
+    >>> [len(x) for x in _split_bytes(ms, 1000)]
+    [5, 0]
+    """
+    total = 0
+    for i, m in enumerate(msgs):
+        total += len(m.value)
+        if total > max_bytes and i:
+            return msgs[:i], msgs[i:]
+    return msgs, []
 
 
 def _arrival_order(lists: Sequence[list[tuple[int, RawMessage]]]) -> list[RawMessage]:
