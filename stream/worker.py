@@ -1266,7 +1266,7 @@ class IngestRunner(StageRunner):
 
 MIN_CHUNK_BYTES: Final = 64 << 10
 """The least input one stage-1 commit takes when the ticks it closes are limited."""
-FIRST_CHUNK_BYTES: Final = 4 << 20
+FIRST_CHUNK_BYTES: Final = 1 << 20
 """Input of a partition's first commit, before its rate of closed ticks is known."""
 
 

@@ -444,6 +444,83 @@ def test_restart_mid_stream_resumes_from_redis_offsets(
     asyncio.run(main())
 
 
+# --------------------------------------------------------------------------- commit splitting
+
+
+def test_a_backlog_of_many_models_is_split_into_commits_with_the_same_summaries(
+    env: WorkerEnv,
+) -> None:
+    """A batch that would close more than ``max_summaries_per_commit`` ticks is processed
+    and committed in several pieces (memory, issue 6): more commits than batches, and every
+    (model, tick) summary equal to one in-process pass over the same messages."""
+    from load_tests.generator import GenConfig, messages, monitor_config
+    from load_tests.generator import generate as gen_events
+    from stream.engine import Ingest, compile_plans
+    from stream.events import RawMessage
+
+    span = 40.0
+    g = GenConfig(n_events=8_000, seed=11, models=40, rate=8_000 / span,
+                  start=time.time() - span - 60.0)  # fmt: skip
+    cfg, profiles = monitor_config(g, label_horizon=0)
+    msgs = messages(gen_events(g), events_per_message=20)
+    topic = env.topics.predictions
+    producer = Producer({"bootstrap.servers": env.bootstrap, "linger.ms": 5})
+    for m in msgs:
+        producer.produce(topic, m.value, m.key, partition=0)
+    assert producer.flush(30) == 0
+
+    # the oracle: the same messages through one engine in one pass, then flushed
+    plans = compile_plans(cfg, profiles)
+    ing = Ingest(cfg, plans, 0, topics=env.topics, tick_s=1.0, lateness_s=2.0,
+                 max_future_s=float("inf"))  # fmt: skip
+    raw = [RawMessage(topic, 0, i, m.value) for i, m in enumerate(msgs)]
+    outs = [ing.process_raw(raw, time.time()), ing.flush(time.time() + 60.0)]
+    want = {}
+    for out in outs:
+        for m in out.messages:
+            doc = orjson.loads(m.value)
+            want[(doc["model_id"], doc["tick"])] = doc
+    assert len(want) > 40 * (span - 5)
+
+    settings = env.settings(max_summaries_per_commit=25)
+    opts = env.opts(stages=("ingest",), max_future_s=float("inf"))
+
+    async def main() -> None:
+        summaries = TopicReader(env.bootstrap, env.topics.summaries)
+        worker = Worker(cfg, settings, opts, profiles=profiles)
+        await worker.start()
+        try:
+            await asyncio.wait_for(worker.wait_assigned(), 60)
+            await until("every tick summarised", lambda: len(summaries.values) >= len(want),
+                        120, summaries.poll)  # fmt: skip
+            await asyncio.sleep(1.0)
+            summaries.poll(0.5)
+            batches = worker.registry.get_sample_value(
+                "driftline_batch_messages_count", {"stage": "ingest"}
+            )
+            commits = worker.stats.counters["commits"]
+        finally:
+            await worker.stop()
+            summaries.close()
+        got = {(d["model_id"], d["tick"]): d for d in summaries.values}
+        print(f"\nsplit commits: {len(msgs)} messages, {len(want)} summaries, "
+              f"{batches:.0f} batches, {commits} commits")  # fmt: skip
+        assert batches is not None and commits > 3 * batches, (commits, batches)
+        assert len(got) == len(summaries.values), "a (model, tick) summarised twice"
+        assert got.keys() == want.keys()
+        for key, doc in want.items():
+            g_doc = got[key]
+            assert len(doc["groups"]) == len(g_doc["groups"]) > 0, key
+            for grp_w, grp_g in zip(doc["groups"], g_doc["groups"], strict=True):
+                assert (grp_g["version"], grp_g["slice"], grp_g["n"]) == (
+                    grp_w["version"], grp_w["slice"], grp_w["n"]), key  # fmt: skip
+                assert ("features" in grp_g) == ("features" in grp_w), key
+                for name, f in grp_w.get("features", {}).items():
+                    assert grp_g["features"][name]["counts"] == f["counts"], (key, name)
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- Redis outage
 
 
