@@ -532,8 +532,19 @@ class StageRunner:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            # bounded: a batch stuck in an await that swallows the cancellation (a publish
+            # retrying against an unreachable broker) must not hold the shutdown past the
+            # pod's grace period; what it did not commit is redone from Redis by the next owner
+            await asyncio.wait({self.task}, timeout=STAGE_STOP_TIMEOUT_S)
+            if not self.task.done():
+                log.error(
+                    "%s: the stage loop did not stop within %.0f s of its cancellation; "
+                    "abandoned (its uncommitted batch is redone from the Redis checkpoint)",
+                    self.stage,
+                    STAGE_STOP_TIMEOUT_S,
+                )
+            elif not self.task.cancelled() and self.task.exception() is not None:
+                log.error("%s: the stage loop ended with %r", self.stage, self.task.exception())
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self._commit_kafka_offsets()
@@ -1516,6 +1527,10 @@ def _manual_ids_of(state: bytes | None) -> dict[str, None]:
 
 KAFKA_COMMIT_TIMEOUT_S = 5.0  # the informational Kafka offset mirror
 CONSUMER_STOP_TIMEOUT_S = 15.0
+STAGE_STOP_TIMEOUT_S = 30.0
+PRODUCER_STOP_TIMEOUT_S = 20.0
+# stages stop together: 30 + 5 (Kafka offset mirror) + 15 s, then the producer: 70 s at
+# most, inside k8s/base/statefulset.yaml's terminationGracePeriodSeconds (90)
 SUMMARY_CHUNK = 256  # summaries per Detect.process_raw call inside one stage-2 batch
 
 
@@ -1653,10 +1668,16 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reporter
             self._reporter = None
-        for s in self.stages:
-            await s.stop()
+        await asyncio.gather(*(s.stop() for s in self.stages))  # each bounded, see below
         if self.producer is not None:
-            await self.producer.stop()
+            try:  # its unacknowledged sends are still in the Redis outboxes
+                await asyncio.wait_for(self.producer.stop(), PRODUCER_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "producer did not stop within %.0f s; abandoned (what it had not "
+                    "delivered is republished from the outbox by the next owner)",
+                    PRODUCER_STOP_TIMEOUT_S,
+                )
         if self._web is not None:
             await self._web.cleanup()
         if self._own_store and isinstance(self.store, RedisStore):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import time
 from typing import Any, NamedTuple
 
 import orjson
@@ -43,6 +46,46 @@ def test_fresh_drops_applied_and_repeated_offsets_keeps_gaps() -> None:
     assert [x.offset for x in kept] == [5, 6, 7, 8, 11]  # 9, 10: a compaction gap is fine
     assert r.stats.counters["ingest_stale_records_dropped"] == 5
     assert r._fresh(tp, [Rec(1), Rec(2)], expected=3) == []
+
+
+def test_stop_gives_up_on_a_stage_loop_that_swallows_its_cancellation(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shutdown is bounded: a loop stuck in an await that catches CancelledError (as a
+    publish retrying against an unreachable broker does) is abandoned after
+    STAGE_STOP_TIMEOUT_S, so the pod exits inside its grace period."""
+    import stream.worker as w
+
+    monkeypatch.setattr(w, "STAGE_STOP_TIMEOUT_S", 0.3)
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue  # swallowed
+
+    async def main() -> float:
+        r = _runner()
+        r.consumer = None
+        r.task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        await r.stop()
+        took = time.monotonic() - t0
+        assert not r.task.done()
+        return took
+
+    with caplog.at_level(logging.ERROR, logger="driftline.worker"):
+        loop = asyncio.new_event_loop()
+        try:
+            took = loop.run_until_complete(main())
+        finally:
+            for t in asyncio.all_tasks(loop):
+                t.cancel()
+            loop.close()
+    assert 0.25 < took < 5.0
+    assert "did not stop within" in caplog.text
 
 
 def test_arrival_order_merges_topics_by_timestamp_keeping_each_topics_order() -> None:
