@@ -599,8 +599,8 @@ class EventPool:
     broken: list[bytes]
 
     @classmethod
-    def build(cls, n: int = 4096, seed: int = 3) -> EventPool:
-        gen = generate(GenConfig(n_events=n, seed=seed))
+    def build(cls, n: int = 4096, seed: int = 3, n_features: int = 10) -> EventPool:
+        gen = generate(GenConfig(n_events=n, seed=seed, n_features=n_features))
         healthy, broken = [], []
         for raw in gen.predictions:
             doc = orjson.loads(raw)
@@ -1615,6 +1615,7 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
             # the worker trims its heap every DRIFTLINE_HEAP_TRIM_S (10 s): idle past one
             time.sleep(a.settle_s)
             settled_rss = proc_status_mb(w.popen.pid)
+            live = live_phase(a, kafka, topic, w.popen.pid) if a.live_s > 0 else None
             state_keys = [f"{dep.redis_prefix}:{{detect:{p}}}:state" for p in range(a.partitions)]
             strlen = sum(int(client.strlen(k)) for k in state_keys)
             usage = sum(int(client.memory_usage(k) or 0) for k in state_keys)
@@ -1634,6 +1635,7 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
                 "rss_mb_after": after.get("VmRSS"),
                 "rss_mb_settled": settled_rss.get("VmRSS"),
                 "settle_s": a.settle_s,
+                "live": live,
                 "rss_mb_peak": after.get("VmHWM"),
                 "rss_mb_peak_sampled": peak_seen,
                 "detect_state_bytes": strlen,
@@ -1648,6 +1650,52 @@ def mode_memory(a: argparse.Namespace) -> dict[str, Any]:
             dep.cleanup(client)
             names = [getattr(topics, k) for k in Topics.__dataclass_fields__]
             delete_topics(kafka, [topic, *names])
+
+
+def live_phase(a: argparse.Namespace, kafka: str, topic: str, pid: int) -> dict[str, Any]:
+    """Real-time traffic after the backlog: ``--live-rate`` events/s with wall-clock event
+    times over every model for ``--live-s`` s (ticks close live, every window stays full);
+    the worker's RSS sampled every second from a thread."""
+    import threading
+
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            samples.append(proc_status_mb(pid).get("VmRSS", 0.0))
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        load = produce_realtime(
+            kafka,
+            topic,
+            partitions=a.partitions,
+            models=model_ids(GenConfig(models=a.models)),
+            rate=a.live_rate,
+            seconds=a.live_s,
+            tick_s=1.0,
+            linger_s=0.05,
+            break_first_s=a.live_s + 1.0,  # no breaks: steady monitoring
+            break_every_s=1.0,
+            pool=EventPool.build(n_features=a.features),
+        )
+        time.sleep(5.0)  # the last ticks close and reach stage 2
+    finally:
+        stop.set()
+        t.join()
+    after = proc_status_mb(pid)
+    s = sorted(samples)
+    return {
+        "rate": a.live_rate,
+        "seconds": a.live_s,
+        "events": load.events,
+        "rss_mb_median": s[len(s) // 2] if s else None,
+        "rss_mb_max": s[-1] if s else None,
+        "rss_mb_end": after.get("VmRSS"),
+        "rss_mb_peak_process": after.get("VmHWM"),
+    }
 
 
 def md_memory(res: Mapping[str, Any]) -> str:
@@ -1669,6 +1717,15 @@ def md_memory(res: Mapping[str, Any]) -> str:
         f"| {res['redis_memory_usage_per_stream']:,} B |",
         "",
     ]
+    live = res.get("live")
+    if live:
+        lines += [
+            f"Then {live['seconds']:g} s of real-time traffic ({live['rate']:,.0f} events/s over "
+            f"every model, event time = wall clock): worker RSS median "
+            f"**{live['rss_mb_median']} MB**, max {live['rss_mb_max']} MB, "
+            f"{live['rss_mb_end']} MB at the end.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -1683,6 +1740,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--settle-s", type=float, default=15.0, help="memory: idle time before the settled RSS"
     )
+    ap.add_argument("--live-s", type=float, default=60.0, help="memory: real-time phase (0: off)")
+    ap.add_argument("--live-rate", type=float, default=2000.0, help="memory: its events/s")
     ap.add_argument(
         "--batch-size", type=int, default=0, help="memory: DRIFTLINE_BATCH_SIZE (0: default)"
     )
