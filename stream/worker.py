@@ -1079,6 +1079,11 @@ class IngestRunner(StageRunner):
         self._base: dict[int, tuple[float, float]] = {}  # p -> (watermark, monotonic)
         self._last_idle = 0.0
         self._chunk_bytes: dict[int, int] = {}  # p -> input bytes per commit (learnt)
+        self._first_chunk = (
+            FIRST_CHUNK_SCALE_BYTES
+            * self.settings.max_summaries_per_commit
+            // max(1, len(worker.plans))
+        )
 
     def _new_engine(self, p: int) -> Ingest:
         w = self.worker
@@ -1143,7 +1148,7 @@ class IngestRunner(StageRunner):
                     # from the restored checkpoint (or belongs to another worker now)
                     del todo[p]
                     continue
-                chunk, rest = _split_bytes(msgs, self._chunk_bytes.get(p, FIRST_CHUNK_BYTES))
+                chunk, rest = _split_bytes(msgs, self._chunk_bytes.get(p, self._first_chunk))
                 outs[p] = out = eng.process_raw(chunk, now)
                 self._learn_output_rate(p, chunk)
                 if rest:
@@ -1168,15 +1173,16 @@ class IngestRunner(StageRunner):
         ticks into one commit (60 MB of summaries, an 80 MB snapshot of the held ticks) and
         the worker peaked above 3 GB. The ticks this chunk closed per input byte set how
         many bytes the next commit takes; with few models (or live traffic)
-        the limit is far above a batch and every batch stays one commit."""
+        the limit is far above a batch and every batch stays one commit (and the first chunk,
+        sized from the number of models, too)."""
         limit = self.settings.max_summaries_per_commit
         n_bytes = sum(len(m.value) for m in chunk)
         closed = len(self.engines[p].pending)  # emitted by the next commit
         if closed and n_bytes:
             self._chunk_bytes[p] = max(MIN_CHUNK_BYTES, int(n_bytes * limit / closed))
-        elif n_bytes >= self._chunk_bytes.get(p, FIRST_CHUNK_BYTES):
+        elif n_bytes >= self._chunk_bytes.get(p, self._first_chunk):
             # no tick closed in a full chunk: grow back
-            self._chunk_bytes[p] = min(2 * self._chunk_bytes.get(p, FIRST_CHUNK_BYTES), 1 << 30)
+            self._chunk_bytes[p] = min(2 * self._chunk_bytes.get(p, self._first_chunk), 1 << 30)
 
     async def _commit_publish(self, outs: Mapping[int, IngestOutput]) -> None:
         parts = list(outs)
@@ -1277,8 +1283,11 @@ class IngestRunner(StageRunner):
 
 MIN_CHUNK_BYTES: Final = 64 << 10
 """The least input one stage-1 commit takes when the ticks it closes are limited."""
-FIRST_CHUNK_BYTES: Final = 1 << 20
-"""Input of a partition's first commit, before its rate of closed ticks is known."""
+FIRST_CHUNK_SCALE_BYTES: Final = 512 << 10
+"""A partition's first commit, before its rate of closed ticks is known, takes this many
+bytes x ``max_summaries_per_commit`` / configured models of input: 1 MiB at 1,000 models
+and the default 2,000 (a backlog of ~2,500 events), 256 MiB at 4 models (a batch is never
+split for a small fleet, whose commits cannot pile up ticks)."""
 
 
 def _split_bytes(
