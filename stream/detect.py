@@ -1064,6 +1064,9 @@ class DetectOutput:
     applied: int = 0
     duplicates: int = 0
     invalid: int = 0
+    # models whose detector state this batch changed (applied summaries, manual requests):
+    # the sequential detectors' gauges need re-reading for these only
+    models: set[str] = field(default_factory=set)
 
 
 class Detect:
@@ -1142,6 +1145,7 @@ class Detect:
         out.applied += 1
         now = (int(mon.newest_tick or 0) + 1) * self.tick_s
         mid = mon.model.model_id
+        out.models.add(mid)
         out.findings.extend((mid, f) for f in findings)
         for f in findings:
             seq = mon.policy.evaluate(f, now)
@@ -1184,6 +1188,7 @@ class Detect:
             valid = ", ".join(sorted(self.plans))
             raise ValueError(f"model_id: {model_id!r} is not configured; valid values: {valid}")
         out = DetectOutput(next_offset=dict(self.next_offset))
+        out.models.add(mon.model.model_id)
         cmd = mon.killswitch.manual(action, now, target_version=target_version, reason=reason)
         self._command(out, mon, cmd)
         return out

@@ -187,7 +187,7 @@ class EmbeddedRunner:
     def _observe_detect(self, det: Detect, out: DetectOutput) -> None:
         if self.metrics is not None:
             self.metrics.observe_detect(out)
-            self.metrics.observe_detector_state(det)
+            self.metrics.observe_detector_state(det, out.models)
 
     def report(self) -> None:
         """The periodic gauges of the worker: owned partitions, readiness, consumer lag

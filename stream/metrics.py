@@ -811,11 +811,19 @@ class Metrics:
     def _set_drift(self, labels: tuple[str, ...], stat: float, thr: float, n: float) -> None:
         self.drift.set(labels, stat, thr, n)  # a dropped version's entries: _drop_version
 
-    def observe_detector_state(self, detect: Any) -> None:
+    def observe_detector_state(self, detect: Any, models: Iterable[str] | None = None) -> None:
         """Set the gauges of the sequential detectors (CUSUM, Bernoulli CUSUM) from a
         :class:`stream.detect.Detect`: they report findings only when they fire, so their
-        running statistic is read from the detector state (``max(up, down)``)."""
-        for model_id, mon in list(detect.models.items()):
+        running statistic is read from the detector state (``max(up, down)``).
+
+        ``models``: only these (``DetectOutput.models``, the ones a batch changed); None =
+        every model (after a claim). Reading all 1,000 models of a 1,000 x 20 partition
+        took ~43 ms, paid by every stage-2 commit."""
+        mons = detect.models
+        pairs = (
+            list(mons.items()) if models is None else [(m, mons[m]) for m in models if m in mons]
+        )
+        for model_id, mon in pairs:
             model = self.model_label(model_id)
             levels = [(v, vm) for v, vm in mon.versions.items()]
             levels.append((MODEL_LEVEL, mon.model_level))

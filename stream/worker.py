@@ -1473,7 +1473,7 @@ class DetectRunner(StageRunner):
         for model_id, outcome in self._request_outcomes:
             self.metrics.observe_killswitch_request(model_id, outcome)
         self._request_outcomes.clear()
-        self.metrics.observe_detector_state(det)
+        self.metrics.observe_detector_state(det, out.models)
         for topic, off in out.next_offset.items():
             self._checkpointed[TopicPartition(topic, p)] = off
         self.stats.alerts.extend(out.alerts)
@@ -1552,6 +1552,7 @@ def _merge(total: DetectOutput, out: DetectOutput) -> None:
     total.applied += out.applied
     total.duplicates += out.duplicates
     total.invalid += out.invalid
+    total.models |= out.models
 
 
 # --------------------------------------------------------------------------- worker

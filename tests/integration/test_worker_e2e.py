@@ -477,8 +477,8 @@ def test_a_backlog_of_many_models_is_split_into_commits_with_the_same_summaries(
     outs = [ing.process_raw(raw, time.time()), ing.flush(time.time() + 60.0)]
     want = {}
     for out in outs:
-        for m in out.messages:
-            doc = orjson.loads(m.value)
+        for om in out.messages:
+            doc = orjson.loads(om.value)
             want[(doc["model_id"], doc["tick"])] = doc
     assert len(want) > 40 * (span - 5)
 

@@ -19,7 +19,8 @@ def test_trim_gives_back_the_gaps_a_freed_batch_leaves_in_the_heap() -> None:
     """A backlog batch's garbage freed between long-lived objects stays in RSS until
     trimmed: the pattern that kept the worker at 1.4 GB with ~200 MB live."""
     trim_heap()
-    keep, batch = [], []
+    keep: list[bytearray] = []
+    batch: list[bytearray] = []
     for i in range(60_000):  # 1 KiB-4 KiB chunks: malloc's heap, not pymalloc or mmap
         (keep if i % 8 == 0 else batch).append(bytearray(1024 + (i * 37) % 3072))
     del batch

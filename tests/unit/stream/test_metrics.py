@@ -109,7 +109,7 @@ def instrument(runner: EmbeddedRunner, m: Metrics, run: Run) -> None:
         def detect_raw(values: Any, _orig: Any = orig_d, _det: Any = det) -> DetectOutput:
             out: DetectOutput = _orig(values)
             m.observe_detect(out)
-            m.observe_detector_state(_det)
+            m.observe_detector_state(_det, out.models)
             for model_id, f in out.findings:
                 run.findings[_finding_key(model_id, f)] = f
             return out
@@ -382,6 +382,24 @@ def test_sequential_detector_state_gauges(run: Run) -> None:
     cusum = samples(reg, "driftline_drift_statistic")
     feats = {dict(k)["feature"] for k in cusum if dict(k)["detector"] == "cusum"}
     assert {"amount", "merchant_risk", "seller_quality_score", "-"} <= feats
+
+
+def test_detector_state_gauges_read_only_the_models_a_batch_changed(run: Run) -> None:
+    """Every stage-2 commit re-reads the sequential detectors of the models its batch
+    changed (``DetectOutput.models``), not of every model (~43 ms per commit at 1,000
+    models); None (after a claim) reads them all."""
+    det = next(d for d in run.runner.detect if "fraud" in d.models)
+    m = Metrics(run.config, CollectorRegistry(), plans=run.runner.plans)
+
+    def series() -> int:
+        return len(samples(m.registry, "driftline_drift_statistic"))
+
+    m.observe_detector_state(det, models=[])
+    m.observe_detector_state(det, models=["not-a-model"])
+    assert series() == 0
+    m.observe_detector_state(det, models=["fraud"])
+    assert series() > 10  # the CUSUMs of every feature, version and slice
+    assert det.process([]).models == set()
 
 
 def test_checkpoint_metrics(run: Run) -> None:
