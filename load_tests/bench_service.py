@@ -1686,13 +1686,13 @@ def live_phase(a: argparse.Namespace, kafka: str, topic: str, pid: int) -> dict[
         stop.set()
         t.join()
     after = proc_status_mb(pid)
-    s = sorted(samples)
+    rss = percentiles(samples)
     return {
         "rate": a.live_rate,
         "seconds": a.live_s,
         "events": load.events,
-        "rss_mb_median": s[len(s) // 2] if s else None,
-        "rss_mb_max": s[-1] if s else None,
+        "rss_mb_median": rss["p50"],
+        "rss_mb_max": rss["max"],
         "rss_mb_end": after.get("VmRSS"),
         "rss_mb_peak_process": after.get("VmHWM"),
     }

@@ -60,7 +60,6 @@ class HeapTrimmer:
         self._clock = clock
         self._last: float | None = None
         self.trims = 0
-        self.seconds = 0.0  # spent in trim_heap, for the metrics
 
     def maybe_trim(self) -> bool | None:
         """Trim when the interval has passed since the last trim; None when it has not (or
@@ -71,8 +70,5 @@ class HeapTrimmer:
         if self._last is not None and now - self._last < self.interval_s:
             return None
         self._last = now
-        t0 = time.perf_counter()
-        released = trim_heap()
-        self.seconds += time.perf_counter() - t0
         self.trims += 1
-        return released
+        return trim_heap()

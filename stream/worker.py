@@ -1148,9 +1148,11 @@ class IngestRunner(StageRunner):
                     # from the restored checkpoint (or belongs to another worker now)
                     del todo[p]
                     continue
-                chunk, rest = _split_bytes(msgs, self._chunk_bytes.get(p, self._first_chunk))
+                chunk, n_bytes, rest = _split_bytes(
+                    msgs, self._chunk_bytes.get(p, self._first_chunk)
+                )
                 outs[p] = out = eng.process_raw(chunk, now)
-                self._learn_output_rate(p, chunk)
+                self._learn_output_rate(p, n_bytes)
                 if rest:
                     todo[p] = (eng, rest)
                 else:
@@ -1165,18 +1167,18 @@ class IngestRunner(StageRunner):
                 if eng is not None and eng.watermark != float("-inf"):
                     self._base[p] = (eng.watermark, time.monotonic())
 
-    def _learn_output_rate(self, p: int, chunk: Sequence[RawMessage]) -> None:
+    def _learn_output_rate(self, p: int, n_bytes: int) -> None:
         """Size partition ``p``'s next commit so that it closes about
         ``max_summaries_per_commit`` ticks.
 
         A backlog batch spans many seconds of event time: with 1,000 models it closed ~15k
         ticks into one commit (60 MB of summaries, an 80 MB snapshot of the held ticks) and
         the worker peaked above 3 GB. The ticks this chunk closed per input byte set how
-        many bytes the next commit takes; with few models (or live traffic)
+        many bytes (``n_bytes`` went into this one) the next commit takes; with few models
+        (or live traffic)
         the limit is far above a batch and every batch stays one commit (and the first chunk,
         sized from the number of models, too)."""
         limit = self.settings.max_summaries_per_commit
-        n_bytes = sum(len(m.value) for m in chunk)
         closed = len(self.engines[p].pending)  # emitted by the next commit
         if closed and n_bytes:
             self._chunk_bytes[p] = max(MIN_CHUNK_BYTES, int(n_bytes * limit / closed))
@@ -1292,22 +1294,24 @@ split for a small fleet, whose commits cannot pile up ticks)."""
 
 def _split_bytes(
     msgs: list[RawMessage], max_bytes: int
-) -> tuple[list[RawMessage], list[RawMessage]]:
+) -> tuple[list[RawMessage], int, list[RawMessage]]:
     """The longest head of ``msgs`` within ``max_bytes`` of values (at least one message),
-    and the rest.
+    its size in bytes, and the rest.
 
     >>> ms = [RawMessage("t", 0, i, b"x" * 10) for i in range(5)]
-    >>> [len(x) for x in _split_bytes(ms, 25)], [len(x) for x in _split_bytes(ms, 5)]
-    ([2, 3], [1, 4])
-    >>> [len(x) for x in _split_bytes(ms, 1000)]
-    [5, 0]
+    >>> [(len(h), n, len(r)) for h, n, r in (_split_bytes(ms, 25), _split_bytes(ms, 5))]
+    [(2, 20, 3), (1, 10, 4)]
+    >>> head, n, rest = _split_bytes(ms, 1000)
+    >>> len(head), n, len(rest)
+    (5, 50, 0)
     """
     total = 0
     for i, m in enumerate(msgs):
-        total += len(m.value)
-        if total > max_bytes and i:
-            return msgs[:i], msgs[i:]
-    return msgs, []
+        size = len(m.value)
+        if total + size > max_bytes and i:
+            return msgs[:i], total, msgs[i:]
+        total += size
+    return msgs, total, []
 
 
 def _arrival_order(lists: Sequence[list[tuple[int, RawMessage]]]) -> list[RawMessage]:
